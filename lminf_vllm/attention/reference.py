@@ -1,0 +1,68 @@
+"""Λ-attention over the paged cache in PyTorch: the CPU serving path and the kernels' reference.
+
+Cache page format (owned by this plugin, read only by its own code):
+    kv_cache: [num_blocks, num_kv_heads, B, 2 * head_dim]; keys in [..., :head_dim] and
+    values in [..., head_dim:], keys stored rotated by their page offset j mod B.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lminf_vllm import rope_frame
+from lminf_vllm.attention.plan import AttentionPlan, TileGroup
+from lminf_vllm.attention.rotation import QueryRotation, rotate
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys and values. key, value: [T, Hkv, D]; slot_mapping: [T] (block*B + offset)."""
+    head_dim = key.shape[-1]
+    page_size = kv_cache.shape[2]
+    block = slot_mapping // page_size
+    offset = slot_mapping % page_size
+    kv_cache[block, :, offset, :head_dim] = key.to(kv_cache.dtype)
+    kv_cache[block, :, offset, head_dim:] = value.to(kv_cache.dtype)
+
+
+def key_visibility(plan: AttentionPlan, group: TileGroup) -> torch.Tensor:
+    """[N, T, P, B] bool: the Λ mask of each query against each key slot of its pages."""
+    config = plan.config
+    key_position = (group.page_base[:, :, None]
+                    + torch.arange(config.page_size, device=group.page_base.device))
+    t = group.query_position[:, :, None, None]
+    mask = rope_frame.visible(t, key_position[:, None], config.n_global, config.n_local)
+    return mask & (group.page_base >= 0)[:, None, :, None]
+
+
+def attend_group(plan: AttentionPlan, group: TileGroup, query: torch.Tensor,
+                 kv_cache: torch.Tensor, rotation: QueryRotation, scale: float) -> torch.Tensor:
+    """Λ-attention of one tile group. query: [T_all, H, D]; returns [N, T, H, D] float32."""
+    config = plan.config
+    num_kv_heads, head_dim = kv_cache.shape[1], kv_cache.shape[3] // 2
+    q = query[group.query_rows].float()                              # [N, T, H, D]
+    n, t, num_heads, _ = q.shape
+    pages = kv_cache[group.page_block].float()                       # [N, P, Hkv, B, 2D]
+    key, value = pages[..., :head_dim], pages[..., head_dim:]
+
+    angle = rope_frame.query_angle(group.query_position[:, :, None], group.page_base[:, None, :],
+                                   config.page_size, config.trained_length)   # [N, T, P]
+    cos, sin = rotation.cos_sin_of(angle)
+    q_rot = rotate(q[:, :, None], cos[..., None, :], sin[..., None, :],
+                   rotation.is_neox_style)                            # [N, T, P, H, D]
+    q_rot = q_rot.view(n, t, -1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+    logits = torch.einsum("ntpkgd,npkbd->nkgtpb", q_rot, key) * scale
+    mask = key_visibility(plan, group)[:, None, None]                # [N, 1, 1, T, P, B]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits)
+    out = torch.einsum("nkgtpb,npkbd->ntkgd", probs, value)
+    return out.reshape(n, t, num_heads, head_dim)
+
+
+def attend(plan: AttentionPlan, query: torch.Tensor, kv_cache: torch.Tensor,
+           output: torch.Tensor, rotation: QueryRotation, scale: float) -> None:
+    """Λ-attention for every query of the step. query, output: [T_all, H, D]."""
+    for group in plan.groups:
+        output[group.query_rows] = attend_group(plan, group, query, kv_cache, rotation,
+                                                scale).to(output.dtype)
