@@ -73,8 +73,8 @@ def _tiles(query_start_loc: np.ndarray, seq_lens: np.ndarray, tile_queries: int)
 
 
 def visible_pages(first_position: np.ndarray, last_position: np.ndarray,
-                  config: LMInfConfig) -> np.ndarray:
-    """[N, P] logical pages a tile of queries t0..t1 may see, padded with -1.
+                  config: LMInfConfig, min_width: int = 0) -> np.ndarray:
+    """[N, P] logical pages a tile of queries t0..t1 may see, padded with -1 to >= min_width.
 
     The global pages cover positions < n_global (up to t1), the local pages cover
     t0 - n_local + 1 .. t1; pages in both are listed once.
@@ -85,7 +85,7 @@ def visible_pages(first_position: np.ndarray, last_position: np.ndarray,
     local_first = np.maximum(rope_frame.logical_page(window_start, page_size), num_global)
     local_last = rope_frame.logical_page(last_position, page_size)
     num_local = np.maximum(local_last - local_first + 1, 0)
-    width = int((num_global + num_local).max(initial=0))
+    width = max(int((num_global + num_local).max(initial=0)), min_width)
     k = np.arange(width)[None, :]
     pages = np.where(k < num_global[:, None], k, local_first[:, None] + k - num_global[:, None])
     return np.where(k < (num_global + num_local)[:, None], pages, -1)
@@ -93,13 +93,16 @@ def visible_pages(first_position: np.ndarray, last_position: np.ndarray,
 
 def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.ndarray,
                block_table: torch.Tensor, num_ring_pages: int | None = None,
-               tile_queries: int = DEFAULT_TILE_QUERIES) -> AttentionPlan:
+               tile_queries: int = DEFAULT_TILE_QUERIES, min_pages: int = 0) -> AttentionPlan:
     """Plan one step.
 
     query_start_loc: [num_reqs + 1] host ints, query rows of each request
     seq_lens:        [num_reqs] host ints, context length after this step
     block_table:     [num_reqs, width] physical block ids (vLLM's block table), any device
     num_ring_pages:  R when the row is a ring of G + R pages, None for a plain row
+    tile_queries:    queries per tile (a path may prefer its own tile height)
+    min_pages:       pad every group to at least this many pages, so that shapes stay fixed
+                     from step to step (CUDA graphs)
     """
     query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
@@ -127,7 +130,8 @@ def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.nd
     for tile_len in np.unique(length):
         sel = np.nonzero(length == tile_len)[0]
         steps = np.arange(tile_len)[None, :]
-        pages = visible_pages(first_position[sel], first_position[sel] + tile_len - 1, config)
+        pages = visible_pages(first_position[sel], first_position[sel] + tile_len - 1, config,
+                              min_pages)
         padding = pages < 0
         req_grid = np.broadcast_to(tile_req[sel][:, None], pages.shape)
         block = to_block(req_grid.reshape(-1), np.where(padding, 0, pages).reshape(-1))
