@@ -55,6 +55,8 @@ def table_slot(page, num_pinned_pages: int, num_ring_pages: int | None):
     ring = num_pinned_pages + ring_slot(page, num_pinned_pages, num_ring_pages)
     if isinstance(page, torch.Tensor):
         return torch.where(page < num_pinned_pages, page, ring)
+    if isinstance(page, np.ndarray):
+        return np.where(page < num_pinned_pages, page, ring)
     return page if page < num_pinned_pages else ring
 
 
