@@ -1,0 +1,177 @@
+"""The Triton kernels on CPU, through the Triton interpreter, against reference.attend_group.
+
+TRITON_INTERPRET=1 must be set when a kernel is *decorated* (triton 3.9 reads it in
+`triton.jit`) and again when an interpreted kernel launches, so this module (re)imports the
+kernel modules with it set and a module fixture keeps it set while these tests run only. Shapes are
+tiny: every kernel code path (decode slices, prefill exact/capped cases, ring wrap,
+positions near 2e8, GQA, neox and GPT-J pairs, padded head_dim) runs in seconds.
+
+bf16 is not tested here: the interpreter's tl.dot on bf16 returns garbage in triton 3.9
+(a 16x16 bf16 dot is off by 1e10), so bf16 is covered by tests/gpu only.
+"""
+
+import importlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lminf_vllm.attention import build_plan, reference
+from lminf_vllm.attention.rotation import QueryRotation
+from lminf_vllm.config import LMInfConfig
+
+
+def _import_interpreted():
+    """Import the kernel modules with TRITON_INTERPRET=1, so their kernels are interpreted."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        modules = []
+        for name in ("lminf_vllm.attention.triton_decode", "lminf_vllm.attention.triton_prefill"):
+            module = sys.modules.get(name)
+            modules.append(importlib.reload(module) if module else importlib.import_module(name))
+        return modules
+    finally:
+        _restore(previous)
+
+
+def _restore(previous):
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    """The interpreter also checks the variable at launch time, so keep it set while we run."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore(previous)
+
+
+triton_decode, triton_prefill = _import_interpreted()
+
+# ‖out - ref‖ / ‖ref‖ per dtype. float32: only re-association (~1e-7). float16: the kernels
+# round the turned queries/keys and the softmax weights to fp16 before the matrix products,
+# as flash attention rounds P, so ~1e-4..1e-3 is expected.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3}
+
+
+def _rotation(rotary_dim: int, trained_length: int, neox: bool) -> QueryRotation:
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angle = torch.arange(trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
+    table = torch.cat([angle.cos(), angle.sin()], dim=1).float().contiguous()
+    return QueryRotation(table, rotary_dim, neox)
+
+
+def _setup(case, seed=0):
+    """A random ring cache and a plan for a batch of requests (query_len, seq_len)."""
+    g = torch.Generator().manual_seed(seed)
+    config = LMInfConfig(n_global=case["n_global"], n_local=case["n_local"],
+                         trained_length=case["L"], page_size=case["B"],
+                         max_prefill_chunk_tokens=max(q for q, _ in case["requests"]))
+    query_lens = np.array([q for q, _ in case["requests"]])
+    seq_lens = np.array([s for _, s in case["requests"]])
+    query_start_loc = np.concatenate([[0], np.cumsum(query_lens)])
+    width = config.num_pinned_pages + config.num_ring_pages
+    num_blocks = len(seq_lens) * width + 3
+    block_table = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width]
+    plan = build_plan(config, query_start_loc, seq_lens, block_table.view(-1, width),
+                      num_ring_pages=config.num_ring_pages, tile_queries=case.get("tile", 32))
+    dtype, d = case["dtype"], case["D"]
+    kv_cache = torch.randn(num_blocks, case["Hkv"], case["B"], 2 * d, generator=g).to(dtype)
+    query = torch.randn(int(query_start_loc[-1]), case["H"], d, generator=g).to(dtype)
+    rotation = _rotation(case.get("rotary_dim", d), case["L"], case.get("neox", True))
+    return plan, query, kv_cache, rotation
+
+
+def _assert_matches(out, ref, group, dtype, what):
+    err = ((out - ref).norm() / ref.norm()).item()
+    if not err <= TOLERANCE[dtype]:
+        bad = (out - ref).abs().amax(dim=-1)                          # [N, T, H]
+        tile, row, head = np.unravel_index(int(bad.argmax()), tuple(bad.shape))
+        raise AssertionError(
+            f"{what}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}; worst at tile {tile} "
+            f"(query row {int(group.query_rows[tile, row])}, position "
+            f"{int(group.query_position[tile, row])}), head {head}, max abs "
+            f"{bad.max().item():.3e}; pages {group.page_base[tile].tolist()}")
+
+
+CASES = {
+    # decode + chunks straddling pages, ring wrap, n_global not a page multiple, GQA 2
+    "mixed_neox_fp32": dict(B=16, L=128, n_global=20, n_local=64, D=32, H=4, Hkv=2,
+                            dtype=torch.float32,
+                            requests=[(1, 1), (1, 17), (70, 70), (33, 533), (1, 1000),
+                                      (5, 131)]),
+    # GPT-J pairs, head_dim 48 (padded to 64 in-kernel), no global tokens, GQA 1
+    "gptj_d48_fp32": dict(B=16, L=64, n_global=0, n_local=40, D=48, H=2, Hkv=2,
+                          dtype=torch.float32, neox=False,
+                          requests=[(1, 16), (1, 300), (40, 95), (9, 9)]),
+    # B = 32, GQA 8, n_global 100, n_local = L - B + 1, positions near 2e8 through the ring
+    "far_fp16_gqa8": dict(B=32, L=160, n_global=100, n_local=129, D=32, H=8, Hkv=1,
+                          dtype=torch.float16,
+                          requests=[(1, 200_000_000), (1, 199_999_969), (48, 200_000_000),
+                                    (1, 33), (20, 150)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_match_reference(name):
+    case = CASES[name]
+    plan, query, kv_cache, rotation = _setup(case)
+    scale = case["D"] ** -0.5
+    for group in plan.groups:
+        ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
+        out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
+                                          block_n=32)
+        _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel")
+        if group.query_rows.shape[1] == 1:
+            for splits in (1, 3):
+                out = triton_decode.attend_group(plan, group, query, kv_cache, rotation,
+                                                 scale, num_splits=splits, block_keys=32)
+                _assert_matches(out, ref, group, case["dtype"],
+                                f"{name} decode kernel ({splits} slices)")
+
+
+def test_decode_equals_last_prefill_row():
+    """Metamorphic: a decode step gives the last row of the prefill chunk that ends at it."""
+    case = dict(CASES["mixed_neox_fp32"], requests=[(40, 300)])
+    plan, query, kv_cache, rotation = _setup(case, seed=1)
+    last = None
+    for g in plan.groups:
+        out = triton_prefill.attend_group(plan, g, query, kv_cache, rotation, 0.2)
+        hit = (g.query_rows == 39).nonzero()
+        if len(hit):
+            last = out[hit[0, 0], hit[0, 1]]
+    config = plan.config
+    width = config.num_pinned_pages + config.num_ring_pages
+    table = torch.full((1, width), -1, dtype=torch.long)  # the blocks the plan used
+    for g in plan.groups:
+        for block, base in zip(g.page_block.flatten().tolist(), g.page_base.flatten().tolist()):
+            if base >= 0:
+                page = base // config.page_size
+                column = page if page < config.num_pinned_pages else (
+                    config.num_pinned_pages
+                    + (page - config.num_pinned_pages) % config.num_ring_pages)
+                table[0, column] = block
+    decode_plan = build_plan(config, np.array([0, 1]), np.array([300]), table.clamp(min=0),
+                             num_ring_pages=config.num_ring_pages)
+    (group,) = decode_plan.groups
+    out = triton_decode.attend_group(decode_plan, group, query[39:40], kv_cache, rotation, 0.2)
+    torch.testing.assert_close(out[0, 0], last, rtol=1e-5, atol=1e-5)
+
+
+def test_launchers_reject_bad_inputs():
+    plan, query, kv_cache, rotation = _setup(CASES["mixed_neox_fp32"])
+    group = next(g for g in plan.groups if g.query_rows.shape[1] == 1)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_decode.attend_group(plan, group, query.half(), kv_cache, rotation, 1.0)
+    with pytest.raises(ValueError, match="2 \\* head_dim"):
+        triton_prefill.attend_group(plan, group, query, kv_cache[..., :-2], rotation, 1.0)
+    prefill_group = next(g for g in plan.groups if g.query_rows.shape[1] > 1)
+    with pytest.raises(ValueError, match="one query per tile"):
+        triton_decode.attend_group(plan, prefill_group, query, kv_cache, rotation, 1.0)
