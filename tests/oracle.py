@@ -1,4 +1,4 @@
-"""Dense float64 evaluation of DESIGN section 2: the ground truth every attention path is checked against.
+"""Dense float64 evaluation of DESIGN section 2: the ground truth for every attention path.
 
 Written straight from the formula and deliberately independent of ``lminf_vllm`` (it imports
 nothing from it), so a misunderstanding in the product cannot leak into its own reference.
@@ -34,7 +34,7 @@ def _float64(x) -> torch.Tensor:
 
 
 def default_inv_freq(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """RoPE frequencies inv_freq[i] = 1 / theta^(2i / rotary_dim), i < rotary_dim / 2. [rotary_dim // 2]"""
+    """RoPE frequencies inv_freq[i] = 1 / theta^(2i / rotary_dim). Returns [rotary_dim // 2]."""
     if rotary_dim % 2:
         raise ValueError(f"oracle: rotary_dim={rotary_dim} must be even")
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
@@ -77,11 +77,15 @@ def rope_rotate(x, angle_positions, inv_freq, style: str = "neox") -> torch.Tens
     return torch.cat([rotated, passthrough], dim=-1)
 
 
-def _check_heads(num_q_heads: int, num_kv_heads: int) -> int:
+def _check_heads_and_window(num_q_heads: int, num_kv_heads: int, n_local: int, dense: bool) -> int:
+    """Returns the GQA group size (query heads per KV head)."""
     if num_q_heads % num_kv_heads:
         raise ValueError(
             f"oracle: {num_q_heads} query heads is not a multiple of {num_kv_heads} KV heads"
         )
+    # with no local window a query past the global prefix would see no key at all
+    if not dense and n_local < 1:
+        raise ValueError(f"oracle: n_local={n_local} must be at least 1 (the query's own key)")
     return num_q_heads // num_kv_heads
 
 
@@ -116,11 +120,10 @@ def lambda_attention(
     query_positions = torch.as_tensor(query_positions, dtype=torch.long)
     num_keys, num_kv_heads, head_size = k.shape
     num_q_heads = q.shape[1]
-    group = _check_heads(num_q_heads, num_kv_heads)
-    if int(query_positions.max()) >= num_keys:
-        raise ValueError(
-            f"oracle: query position {int(query_positions.max())} has no key (only {num_keys} keys)"
-        )
+    group = _check_heads_and_window(num_q_heads, num_kv_heads, n_local, dense)
+    last_query = int(query_positions.max())
+    if last_query >= num_keys:
+        raise ValueError(f"oracle: query position {last_query} has no key (only {num_keys} keys)")
     if scale is None:
         scale = head_size**-0.5
 
@@ -171,7 +174,7 @@ def causal_lambda_attention(
     """
     q, k, v = _float64(q), _float64(k), _float64(v)
     num_tokens, num_q_heads, head_size = q.shape
-    group = _check_heads(num_q_heads, k.shape[1])
+    group = _check_heads_and_window(num_q_heads, k.shape[1], n_local, dense)
     if scale is None:
         scale = head_size**-0.5
 
@@ -241,7 +244,7 @@ class Float64Llama:
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise NotImplementedError(f"oracle: rope_type={rope_type!r}; only 'default' is written")
+            raise NotImplementedError(f"oracle: rope_type={rope_type!r}; only 'default' is known")
         if config.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"oracle: hidden_act={config['hidden_act']!r}; only 'silu'")
         if config.get("attention_bias") or config.get("mlp_bias"):
@@ -284,7 +287,14 @@ class Float64Llama:
         return hidden + gated @ w("mlp.down_proj").T
 
     def prompt_logprobs(
-        self, token_ids, *, mode: str, n_global: int = 64, n_local: int = 256, L: int = 256, B: int = 16
+        self,
+        token_ids,
+        *,
+        mode: str,
+        n_global: int = 64,
+        n_local: int = 256,
+        L: int = 256,
+        B: int = 16,
     ) -> np.ndarray:
         """log p(token[i+1] | token[0..i]) for i = 0..len-2, as float64 [len - 1].
 
@@ -293,7 +303,8 @@ class Float64Llama:
         if mode not in ("dense", "lminf"):
             raise ValueError(f"oracle: mode={mode!r} must be 'dense' or 'lminf'")
         token_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-        attention_kwargs = dict(n_global=n_global, n_local=n_local, L=L, B=B, dense=mode == "dense")
+        dense = mode == "dense"
+        attention_kwargs = dict(n_global=n_global, n_local=n_local, L=L, B=B, dense=dense)
         with torch.no_grad():
             hidden = self.embed_tokens[token_ids]
             for i in range(self.num_layers):
