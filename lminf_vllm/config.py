@@ -112,17 +112,12 @@ def auto_page_size(trained_length: int) -> int:
 
 
 def user_parameters(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``{"lminf": {...}}`` part of vLLM's additional_config, checked for unknown keys."""
+    """The ``{"lminf": {...}}`` part of vLLM's additional_config."""
     section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
     if not isinstance(section, Mapping):
         raise LMInfConfigError(
             f"lminf: additional_config['{ADDITIONAL_CONFIG_KEY}'] must be a mapping such as "
             f'{{"n_global": 64}}, got {section!r}')
-    unknown = sorted(set(section) - set(ALLOWED_KEYS))
-    if unknown:
-        raise LMInfConfigError(
-            f"lminf: unknown parameter(s) {unknown} in additional_config['lminf']; "
-            f"allowed: {list(ALLOWED_KEYS)}")
     return dict(section)
 
 
@@ -173,6 +168,11 @@ def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: An
                  max_num_batched_tokens: int,
                  sliding_window: int | None = None) -> LMInfConfig:
     """The validated config for one model; raises LMInfConfigError naming the problem."""
+    unknown = sorted(set(parameters) - set(ALLOWED_KEYS))
+    if unknown:
+        raise LMInfConfigError(
+            f"lminf: unknown parameter(s) {unknown} in additional_config['lminf']; "
+            f"allowed: {list(ALLOWED_KEYS)}")
     reason = unsupported_model_reason(hf_config, sliding_window)
     if reason:
         raise LMInfConfigError(f"lminf: unsupported model ({reason})")

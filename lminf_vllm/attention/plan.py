@@ -133,7 +133,7 @@ def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.nd
         pages = visible_pages(first_position[sel], first_position[sel] + tile_len - 1, config,
                               min_pages)
         padding = pages < 0
-        req_grid = np.broadcast_to(tile_req[sel][:, None], pages.shape)
+        req_grid = np.repeat(tile_req[sel][:, None], pages.shape[1], axis=1)
         block = to_block(req_grid.reshape(-1), np.where(padding, 0, pages).reshape(-1))
         groups.append(TileGroup(
             query_rows=torch.from_numpy(first_row[sel][:, None] + steps).to(device),

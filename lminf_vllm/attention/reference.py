@@ -53,9 +53,13 @@ def attend_group(plan: AttentionPlan, group: TileGroup, query: torch.Tensor,
     q_rot = q_rot.view(n, t, -1, num_kv_heads, num_heads // num_kv_heads, head_dim)
 
     logits = torch.einsum("ntpkgd,npkbd->nkgtpb", q_rot, key) * scale
-    mask = key_visibility(plan, group)[:, None, None]                # [N, 1, 1, T, P, B]
-    logits = logits.masked_fill(~mask, float("-inf"))
+    visibility = key_visibility(plan, group)                          # [N, T, P, B]
+    logits = logits.masked_fill(~visibility[:, None, None], float("-inf"))
     probs = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits)
+    # Slots no query of the tile sees may hold anything (a page's unwritten tail, an
+    # evicted ring page, a fresh block never zeroed): 0 * nan would still poison the sum.
+    seen = visibility.any(dim=1)[:, :, None, :, None]                # [N, P, 1, B, 1]
+    value = torch.where(seen, value, 0.0)
     out = torch.einsum("nkgtpb,npkbd->ntkgd", probs, value)
     return out.reshape(n, t, num_heads, head_dim)
 

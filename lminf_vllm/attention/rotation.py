@@ -71,4 +71,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         rotated = torch.cat([y1, y2], dim=-1)
     else:
         rotated = torch.stack([y1, y2], dim=-1).flatten(-2)
-    return torch.cat([rotated, passthrough], dim=-1) if passthrough.shape[-1] else rotated
+    if not passthrough.shape[-1]:
+        return rotated
+    return torch.cat([rotated, passthrough.expand(*rotated.shape[:-1], -1)], dim=-1)

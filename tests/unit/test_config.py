@@ -1,0 +1,79 @@
+"""Config: defaults from the model, validation messages that name the parameter."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from lminf_vllm import config as lminf_config
+from lminf_vllm.config import LMInfConfigError, auto_page_size, build_config
+from conftest import MODEL_DIR
+
+
+def hf_config(**overrides):
+    values = json.loads((MODEL_DIR / "config.json").read_text())
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def make(parameters=None, page_size=16, **hf):
+    return build_config(parameters or {}, page_size=page_size, hf_config=hf_config(**hf),
+                        max_num_batched_tokens=512)
+
+
+def test_defaults_come_from_the_model():
+    cfg = make()
+    assert (cfg.n_global, cfg.n_local, cfg.trained_length, cfg.page_size) == (64, 256, 256, 16)
+    assert cfg.num_pinned_pages == 4
+    assert cfg.num_ring_pages == -(-(256 + 512 - 1) // 16) + 1
+
+
+def test_scaled_rope_uses_the_original_length():
+    cfg = make(max_position_embeddings=8192,
+               rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                "original_max_position_embeddings": 2048})
+    assert cfg.trained_length == 2048
+
+
+@pytest.mark.parametrize("parameters,name", [
+    ({"n_global": -1}, "n_global"),
+    ({"n_local": 0}, "n_local"),
+    ({"n_local": 257}, "n_local"),
+    ({"n_local": 1.5}, "n_local"),
+    ({"trained_length": 8}, "trained_length"),
+    ({"max_prefill_chunk_tokens": 0}, "max_prefill_chunk_tokens"),
+    ({"n_globl": 3}, "n_globl"),
+])
+def test_bad_values_name_the_parameter_and_range(parameters, name):
+    with pytest.raises(LMInfConfigError, match=name) as error:
+        make(parameters)
+    if name != "n_globl":
+        assert "allowed range" in str(error.value) or "must be an integer" in str(error.value)
+
+
+@pytest.mark.parametrize("hf,reason", [
+    ({"rope_parameters": None}, "no RoPE"),
+    ({"alibi": True}, "ALiBi"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
+    ({"rope_parameters": {"rope_type": "default", "mrope_section": [1, 2]}}, "mrope"),
+])
+def test_unsupported_models_fail_with_the_reason(hf, reason):
+    with pytest.raises(LMInfConfigError, match=reason):
+        make(**hf)
+
+
+def test_models_with_their_own_sliding_window_are_refused():
+    with pytest.raises(LMInfConfigError, match="sliding window"):
+        build_config({}, page_size=16, hf_config=hf_config(), max_num_batched_tokens=512,
+                     sliding_window=4096)
+
+
+@pytest.mark.parametrize("trained_length,page_size", [(256, 16), (2048, 128), (8192, 128),
+                                                       (100, 16), (1024, 64)])
+def test_auto_page_size_keeps_pages_small_against_l(trained_length, page_size):
+    assert auto_page_size(trained_length) == page_size
+
+
+def test_additional_config_must_be_a_mapping():
+    with pytest.raises(LMInfConfigError, match="mapping"):
+        lminf_config.user_parameters({"lminf": 5})
