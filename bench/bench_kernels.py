@@ -1,0 +1,242 @@
+"""Decode bandwidth and prefill TFLOP/s of the Λ kernels vs torch SDPA, plus flat cost.
+
+Run on the GPU machine (bench/gpu_check.sh):
+    python bench/bench_kernels.py --out bench_kernels.json
+
+Settings (issue 4): bf16, 32 query heads / 8 KV heads, head_dim 128, n_global 64,
+n_local 4096, L 4096 (Llama-2's trained length; window = L, so the oldest window pages mix the
+exact and capped cases), pages of 16.
+  decode:  64 requests at stream lengths >= 1e6. Bytes = K/V bytes of the visible keys
+           (64 + 4096 per request) = 1.09 GB; SDPA decodes the same bytes laid out dense.
+  prefill: one 4096-token chunk at 1e6 (window full): 4096 x 4160 visible pairs, FLOPs =
+           4 * pairs * head_dim * heads; SDPA runs a dense 4096 x 4160 non-causal block. Also
+           the first chunk of a stream (causal 4096) against SDPA is_causal.
+  flat:    decode and prefill at stream positions 1e4, 1e6, 1e8, 2e8.
+Times are medians of triton.testing.do_bench (CUDA events); the decode step is also timed as
+a CUDA-graph replay (how a serving step runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lminf_vllm.attention import build_plan, triton_decode, triton_prefill  # noqa: E402
+from lminf_vllm.attention.rotation import QueryRotation  # noqa: E402
+from lminf_vllm.config import LMInfConfig  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+N_GLOBAL, N_LOCAL = 64, 4096
+DTYPE = torch.bfloat16
+BYTES = 2  # bf16
+
+
+def rope_table(rotary_dim, trained_length):
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angle = torch.arange(trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
+    return QueryRotation(torch.cat([angle.cos(), angle.sin()], 1).float().contiguous().cuda(),
+                         rotary_dim, True)
+
+
+def setup(requests, page_size=16, trained_length=4096, chunk=4096, seed=0):
+    """Config, ring cache with shuffled blocks, plan, query and rotation for the requests."""
+    g = torch.Generator().manual_seed(seed)
+    config = LMInfConfig(n_global=N_GLOBAL, n_local=N_LOCAL, trained_length=trained_length,
+                         page_size=page_size, max_prefill_chunk_tokens=chunk)
+    width = config.num_pinned_pages + config.num_ring_pages
+    query_lens = np.array([q for q, _ in requests])
+    seq_lens = np.array([s for _, s in requests])
+    qsl = np.concatenate([[0], np.cumsum(query_lens)])
+    num_blocks = len(requests) * width
+    table = torch.randperm(num_blocks, generator=g).view(-1, width).cuda()
+    plan = build_plan(config, qsl, seq_lens, table, num_ring_pages=config.num_ring_pages)
+    kv = torch.randn(num_blocks, KV_HEADS, page_size, 2 * HEAD_DIM, device="cuda", dtype=DTYPE)
+    q = torch.randn(int(qsl[-1]), HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    return plan, q, kv, rope_table(HEAD_DIM, trained_length)
+
+
+def visible_keys(t):
+    return min(t + 1, N_LOCAL) + min(N_GLOBAL, max(0, t + 1 - N_LOCAL))
+
+
+def bench(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")  # ms
+
+
+def graph_time(fn, iters=20):
+    """Median per-call ms of fn captured in a CUDA graph (iters calls per replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return bench(graph.replay) / iters
+
+
+def decode_bench(position, batch=64, page_size=16, **kernel_args):
+    requests = [(1, position + 997 * i) for i in range(batch)]
+    plan, q, kv, rot = setup(requests, page_size=page_size, chunk=1)
+    (group,) = plan.groups
+    scale = HEAD_DIM ** -0.5
+    fn = lambda: triton_decode.attend_group(plan, group, q, kv, rot, scale, **kernel_args)  # noqa
+    keys = sum(visible_keys(s - 1) for _, s in requests)
+    nbytes = keys * KV_HEADS * HEAD_DIM * 2 * BYTES
+    ms = bench(fn)
+    ms_graph = graph_time(fn)
+    return dict(position=position, batch=batch, page_size=page_size, kv_bytes=nbytes,
+                ms=ms, ms_graph=ms_graph, tb_per_s=nbytes / ms / 1e9,
+                tb_per_s_graph=nbytes / ms_graph / 1e9, **kernel_args)
+
+
+def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k = torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa
+    nbytes = 2 * k.numel() * BYTES
+    ms = bench(fn)
+    ms_graph = graph_time(fn)
+    return dict(kv_bytes=nbytes, ms=ms, ms_graph=ms_graph, tb_per_s=nbytes / ms / 1e9,
+                tb_per_s_graph=nbytes / ms_graph / 1e9)
+
+
+def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **kernel_args):
+    """One chunk of `chunk` queries ending at stream length position + chunk."""
+    plan, q, kv, rot = setup([(chunk, position + chunk)], page_size=page_size,
+                             trained_length=trained_length, chunk=chunk)
+    scale = HEAD_DIM ** -0.5
+
+    def fn():
+        for group in plan.groups:
+            triton_prefill.attend_group(plan, group, q, kv, rot, scale, **kernel_args)
+
+    pairs = sum(visible_keys(t) for t in range(position, position + chunk))
+    flops = 4 * pairs * HEAD_DIM * HEADS
+    ms = bench(fn, rep=300)
+    return dict(position=position, chunk=chunk, page_size=page_size,
+                trained_length=trained_length, visible_pairs=pairs, ms=ms,
+                tflops=flops / ms / 1e9, **kernel_args)
+
+
+def sdpa_prefill_bench(queries, keys, causal):
+    q = torch.randn(1, HEADS, queries, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k = torch.randn(1, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    k, v = (x.repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (k, v))  # flash path
+    fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa
+    pairs = queries * keys if not causal else queries * (queries + 1) // 2
+    flops = 4 * pairs * HEAD_DIM * HEADS
+    ms = bench(fn, rep=300)
+    return dict(queries=queries, keys=keys, causal=causal, ms=ms, tflops=flops / ms / 1e9)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer tuning configurations")
+    args = parser.parse_args()
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                  time.gmtime()),
+                   settings=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                 n_global=N_GLOBAL, n_local=N_LOCAL, dtype=str(DTYPE)))
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    # ---- decode ----
+    results["sdpa_decode"] = sdpa_decode_bench()
+    print("sdpa decode", results["sdpa_decode"], flush=True)
+    tune = []
+    for block_keys in (32, 64, 128):
+        for splits in (None, 1, 2, 4):
+            r = decode_bench(1_000_000, block_keys=block_keys, num_splits=splits)
+            tune.append(r)
+            print("decode", r, flush=True)
+    results["decode_tuning"] = tune
+    best = max(tune, key=lambda r: r["tb_per_s_graph"])
+    results["decode_best"] = best
+    results["decode_b32"] = decode_bench(1_000_000, page_size=32,
+                                         block_keys=best["block_keys"],
+                                         num_splits=best["num_splits"])
+    print("decode B=32", results["decode_b32"], flush=True)
+    save()
+
+    # ---- prefill ----
+    results["sdpa_prefill_window"] = sdpa_prefill_bench(4096, N_GLOBAL + N_LOCAL, False)
+    results["sdpa_prefill_causal"] = sdpa_prefill_bench(4096, 4096, True)
+    print("sdpa prefill", results["sdpa_prefill_window"], results["sdpa_prefill_causal"],
+          flush=True)
+    tune = []
+    configs = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2),
+               (64, 64, 4, 2), (128, 64, 8, 3)]
+    if args.quick:
+        configs = configs[:2]
+    for block_m, block_n, warps, stages in configs:
+        try:
+            r = prefill_bench(1_000_000, block_m=block_m, block_n=block_n, num_warps=warps,
+                              num_stages=stages)
+        except Exception as e:  # e.g. out of shared memory for one configuration
+            r = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
+                     error=repr(e)[:300])
+        tune.append(r)
+        print("prefill", r, flush=True)
+    results["prefill_tuning"] = tune
+    best = max((r for r in tune if "tflops" in r), key=lambda r: r["tflops"])
+    kernel_args = {k: best[k] for k in ("block_m", "block_n", "num_warps", "num_stages")}
+    results["prefill_best"] = best
+    results["prefill_first_chunk"] = prefill_bench(0, **kernel_args)
+    results["prefill_L8192"] = prefill_bench(1_000_000, trained_length=8192, **kernel_args)
+    results["prefill_b32"] = prefill_bench(1_000_000, page_size=32, **kernel_args)
+    for key in ("prefill_first_chunk", "prefill_L8192", "prefill_b32"):
+        print(key, results[key], flush=True)
+    save()
+
+    # ---- flat cost ----
+    dec_args = {k: results["decode_best"][k] for k in ("block_keys", "num_splits")}
+    flat = []
+    for position in (10_000, 1_000_000, 100_000_000, 200_000_000):
+        d = decode_bench(position, **dec_args)
+        p = prefill_bench(position, **kernel_args)
+        flat.append(dict(position=position, decode_ms_graph=d["ms_graph"], prefill_ms=p["ms"],
+                         decode_us_per_token=1e3 * d["ms_graph"] / 64,
+                         prefill_us_per_token=1e3 * p["ms"] / 4096))
+    for f in flat:
+        f["decode_ratio_to_1e4"] = f["decode_ms_graph"] / flat[0]["decode_ms_graph"]
+        f["prefill_ratio_to_1e4"] = f["prefill_ms"] / flat[0]["prefill_ms"]
+    results["flat_cost"] = flat
+    save()
+
+    # ---- summary table ----
+    sd, bd = results["sdpa_decode"], results["decode_best"]
+    sw, sc = results["sdpa_prefill_window"], results["sdpa_prefill_causal"]
+    bp, fc = results["prefill_best"], results["prefill_first_chunk"]
+    print("\n== summary (bf16, 32/8 heads, d128, n_global 64, n_local 4096) ==")
+    print(f"decode  SDPA dense {sd['tb_per_s_graph']:.2f} TB/s | Λ paged {bd['tb_per_s_graph']:.2f}"
+          f" TB/s (graph; eager {bd['tb_per_s']:.2f}) -> {bd['tb_per_s_graph']/sd['tb_per_s_graph']:.0%}"
+          f" [block_keys {bd['block_keys']}, splits {bd['num_splits']}]")
+    print(f"prefill SDPA window {sw['tflops']:.0f} TF/s | Λ {bp['tflops']:.0f} TF/s -> "
+          f"{bp['tflops']/sw['tflops']:.0%}; first chunk Λ {fc['tflops']:.0f} vs SDPA causal "
+          f"{sc['tflops']:.0f} TF/s")
+    for f in flat:
+        print(f"flat {f['position']:>11}: decode x{f['decode_ratio_to_1e4']:.3f} prefill "
+              f"x{f['prefill_ratio_to_1e4']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/bin/bash
+# The one script run on the lent GPU (issue 4): kernel correctness sweep, kernel benchmarks,
+# the xformers prefill baseline and the stream runner, in one device call.
+#
+#   run(command="bash bench/gpu_check.sh [steps]", carry=[".whl", ".gpudata"])
+#
+# steps: any of tests, bench, xformers, stream (default: all four, in that order).
+# .whl holds xformers-0.0.35 (pip download, see docs/kernels.md); .gpudata holds val.npy.
+# Everything lands under $OUT (at most 8 files come back): gpu_check.log, the JSON results.
+set -u
+OUT=${OUT:-/tmp/lminf_out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+STEPS="${*:-tests bench xformers stream}"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+if has xformers && ls .whl/xformers-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$LOG"
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+if has tests; then
+  echo "== tests/gpu ==" | tee -a "$LOG"
+  LMINF_GPU_RESULTS="$OUT/gpu_correctness.jsonl" timeout 300 \
+    python3 -m pytest -q -n 8 -p no:cacheprovider tests/gpu 2>&1 | tail -40 | tee -a "$LOG"
+fi
+if has bench; then
+  echo "== bench_kernels ==" | tee -a "$LOG"
+  timeout 300 python3 bench/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$LOG"
+fi
+if has xformers; then
+  echo "== bench_xformers_prefill ==" | tee -a "$LOG"
+  ARGS=$(python3 -c "import json; b=json.load(open('$OUT/bench_kernels.json'))['prefill_best']; print(json.dumps({k: b[k] for k in ('block_m','block_n','num_warps','num_stages')}))" 2>/dev/null || echo '{}')
+  timeout 120 python3 bench/bench_xformers_prefill.py --out "$OUT/bench_xformers.json" \
+    --prefill-args "$ARGS" 2>&1 | tail -30 | tee -a "$LOG"
+fi
+if has stream; then
+  echo "== stream_runner ==" | tee -a "$LOG"
+  timeout "${STREAM_TIMEOUT:-300}" python3 bench/stream_runner.py --out "$OUT/stream.json" \
+    ${STREAM_ARGS:-} 2>&1 | tail -40 | tee -a "$LOG"
+fi
+date -u | tee -a "$LOG"
