@@ -1,0 +1,45 @@
+"""Helpers shared by the engine tests: start an engine, read prompt logprobs, compare."""
+
+import numpy as np
+
+from conftest import MODEL_DIR
+
+# vLLM float32 (CPU) vs the float64 oracle over 6 layers and 1-4k tokens: transformers
+# float32 vs the same oracle differs by up to 1.9e-4 at 2048 tokens (model README), and the
+# paged path adds float32 softmax sums of ~320 keys; 2e-3 leaves margin yet is far below
+# the gap between lminf and dense (O(1) past L) or an off-by-one in any position (>1e-2).
+LOGPROB_ATOL = 2e-3
+
+TINY_L = 256
+LMINF_ORACLE_KWARGS = dict(mode="lminf", n_global=64, n_local=256, L=256, B=16)
+
+
+def engine_kwargs(**overrides):
+    kwargs = dict(model=str(MODEL_DIR), attention_backend="lminf", dtype="float32",
+                  gpu_memory_utilization=0.3, max_model_len=16 * TINY_L, max_num_seqs=8,
+                  enforce_eager=True, seed=0)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def prompt_logprobs(request_output) -> np.ndarray:
+    """log p(token i+1 | tokens 0..i) for i = 0..len-2, as the oracle lays them out."""
+    rows = request_output.prompt_logprobs[1:]
+    ids = request_output.prompt_token_ids[1:]
+    return np.array([row[token].logprob for row, token in zip(rows, ids)])
+
+
+def sampled_logprobs(request_output) -> np.ndarray:
+    completion = request_output.outputs[0]
+    return np.array([row[token].logprob
+                     for row, token in zip(completion.logprobs, completion.token_ids)])
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, what: str, offset: int = 0) -> float:
+    assert got.shape == expected.shape, f"{what}: {got.shape} vs {expected.shape}"
+    error = np.abs(got - expected)
+    worst = int(error.argmax())
+    assert error.max() < LOGPROB_ATOL, (
+        f"{what}: max |Δ logprob| {error.max():.2e} at prediction {offset + worst} "
+        f"(position {offset + worst}, page {(offset + worst) // 16})")
+    return float(error.max())
