@@ -5,7 +5,8 @@ The alternative issue 4 asks to weigh against the Triton prefill kernel:
   2. turn keys by b_p - a and queries by t - t mod B - a (a = the chunk's first page base), so
      plain RoPE relative distances t - j appear: exact for n_local <= L - B + 1,
   3. xformers memory_efficient_attention_partial with a bottom-right causal local mask of
-     n_local (the window branch) -> (out, lse),
+     n_local (the window branch) -> (out, lse); the op is xformers' Triton split-K kernel, the
+     only one of the 3 MB wheel that runs with the device's torch (see _xformers_op),
   4. the global branch: queries turned by L - t mod B against the pinned pages as stored
      (capped distance), no mask (valid once the chunk is past n_global + n_local),
   5. xformers merge_attentions of the two.
@@ -36,6 +37,17 @@ from lminf_vllm.attention import triton_prefill  # noqa: E402
 from lminf_vllm.attention.rotation import rotate  # noqa: E402
 
 
+def _xformers_op():
+    """The one xformers forward op usable on the device: the PyPI wheel's CUDA extension is
+    built against another torch than the device's 2.11, so only its Triton split-K kernel runs
+    (fa2/fa3/cutlass report "xFormers wasn't build with CUDA support")."""
+    from xformers.ops import fmha
+    return fmha.triton_splitk.FwOp
+
+
+XFORMERS_OP = None
+
+
 def xformers_prefill(plan, block_table_row, q, kv, rot, scale, position, chunk):
     """Λ attention of queries at position .. position + chunk - 1 via xformers. [C, H, D]."""
     from xformers.ops import fmha
@@ -64,9 +76,11 @@ def xformers_prefill(plan, block_table_row, q, kv, rot, scale, position, chunk):
     # (3) the window branch
     bmghk = lambda x: x.view(1, x.shape[0], KV_HEADS, -1, HEAD_DIM)  # noqa: E731
     expand = lambda x: bmghk(x).expand(-1, -1, -1, group, -1)  # noqa: E731
-    bias = fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(config.n_local)
+    bias = fmha.attn_bias.BlockDiagonalCausalLocalAttentionPaddedKeysMask.from_seqlens_local(
+        [chunk], kv_padding=num_keys, kv_seqlen=[num_keys], window_size=config.n_local
+    ).to(device)
     out_local, lse_local = fmha.memory_efficient_attention_partial(
-        bmghk(q_local), expand(k), expand(v), attn_bias=bias, scale=scale)
+        bmghk(q_local), expand(k), expand(v), attn_bias=bias, scale=scale, op=XFORMERS_OP)
     # (4) the global branch: capped distance L - t mod B
     global_blocks = block_table_row[: config.num_pinned_pages]
     pinned = kv[global_blocks].transpose(1, 2).reshape(-1, KV_HEADS, 2 * HEAD_DIM)
@@ -75,7 +89,7 @@ def xformers_prefill(plan, block_table_row, q, kv, rot, scale, position, chunk):
     q_global = rotate(q.float(), cos, sin, True).to(DTYPE)
     out_global, lse_global = fmha.memory_efficient_attention_partial(
         bmghk(q_global), expand(pinned[..., :HEAD_DIM].contiguous()),
-        expand(pinned[..., HEAD_DIM:].contiguous()), scale=scale)
+        expand(pinned[..., HEAD_DIM:].contiguous()), scale=scale, op=XFORMERS_OP)
     # (5) merge by log-sum-exp
     out, _ = fmha.merge_attentions([out_local, out_global], [lse_local, lse_global],
                                    write_lse=False, output_dtype=torch.float32)
@@ -88,6 +102,8 @@ def main():
     parser.add_argument("--prefill-args", default="{}", help="JSON kwargs of the Triton kernel")
     args = parser.parse_args()
     import xformers
+    global XFORMERS_OP
+    XFORMERS_OP = _xformers_op()
     kernel_args = json.loads(args.prefill_args)
     position, chunk, trained_length = 1_000_000, 4096, 8192
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

@@ -40,7 +40,7 @@ MIN_DOT_ROWS = 16
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 # Masked logits: finite, so that exp2(m_old - m_new) of an all-masked block is 0, not NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 LOG2E = 1.4426950408889634  # 1 / ln(2): the kernels use exp2
 
 

@@ -41,7 +41,7 @@ PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
 # Positions are compared relative to the tile's anchor in int32; a key farther back than
 # this is clamped to it, which keeps it outside the window and past the distance limit.
-FAR = 1 << 30
+FAR = tl.constexpr(1 << 30)
 
 
 @triton.jit
