@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: machine and version facts, and where results go."""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "tests" / "assets" / "tiny-llama-L256"
+RESULTS = REPO / "bench" / "results"
+# Held-out text the tiny model never saw (shared/ beside the checkout).
+VAL_TOKENS = REPO.parent / "shared" / "data" / "val.npy"
+
+
+def val_tokens() -> np.ndarray:
+    return np.load(VAL_TOKENS)
+
+
+def machine() -> dict:
+    import torch
+
+    try:
+        import vllm
+        vllm_version = vllm.__version__
+    except ImportError:
+        vllm_version = None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm_version,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                 capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    day = datetime.date.today().isoformat()
+    path = RESULTS / f"{day}_cpu_{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2))
+    return path
+
+
+def shutdown(llm) -> None:
+    """Stop an LLM's engine processes so the next engine gets the memory."""
+    llm.llm_engine.engine_core.shutdown()
