@@ -13,9 +13,10 @@ def register() -> None:
     """Apply the patches and add the LMINF attention backend. Idempotent."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from lminf_vllm import patches
+    from lminf_vllm import kv_cache, patches
 
     patches.apply_all()
+    kv_cache.register_spec()
     if BACKEND_NAME not in AttentionBackendEnum.__members__:
         AttentionBackendEnum.register(BACKEND_NAME, BACKEND_PATH)
 

@@ -64,6 +64,19 @@ class LMInfBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """The layer's spec as an LMInfSpec: rows of G pinned pages plus a ring of R."""
+        from vllm.config import get_current_vllm_config_or_none
+
+        from lminf_vllm.kv_cache import LMInfSpec
+
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is None:
+            raise RuntimeError("lminf: customize_spec needs the engine's vLLM config "
+                               "(called outside set_current_vllm_config)")
+        return LMInfSpec.from_attention_spec(spec, lminf_config.from_vllm_config(vllm_config))
+
 
 @dataclass
 class LMInfMetadata:
@@ -91,6 +104,7 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             query_start_loc=meta.query_start_loc_cpu[: num_reqs + 1].numpy(),
             seq_lens=seq_lens[:num_reqs].numpy(),
             block_table=meta.block_table_tensor[:num_reqs],
+            num_ring_pages=self.config.num_ring_pages,
         )
         return LMInfMetadata(plan=plan, rotation=self.rotation,
                              num_actual_tokens=meta.num_actual_tokens)

@@ -182,10 +182,22 @@ def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: An
         n_local=parameters.get("n_local", trained_length),
         trained_length=trained_length,
         page_size=page_size,
-        # A request never gets more prefill tokens in one step than the whole batch budget.
-        max_prefill_chunk_tokens=parameters.get("max_prefill_chunk_tokens",
-                                                max_num_batched_tokens),
+        max_prefill_chunk_tokens=parameters.get(
+            "max_prefill_chunk_tokens",
+            default_prefill_chunk_tokens(parameters.get("n_local", trained_length),
+                                         page_size, max_num_batched_tokens)),
     )
+
+
+def default_prefill_chunk_tokens(n_local: int, page_size: int,
+                                 max_num_batched_tokens: int) -> int:
+    """The per-request prefill chunk cap when the user sets none.
+
+    The ring must hold n_local plus one chunk, so a chunk of n_local tokens (at least one
+    page) keeps the ring at about twice the window, while a prefill still runs in chunks as
+    long as the window. The scheduler never gives a request more than the batch budget.
+    """
+    return max(1, min(max_num_batched_tokens, max(n_local, page_size)))
 
 
 def from_vllm_config(vllm_config: Any) -> LMInfConfig:

@@ -6,7 +6,8 @@ generated from PATCHES by `python -m lminf_vllm.patches`.
 """
 
 from . import (backend_enum_pickle, cli_version, cpu_backend_selection, cpu_page_size,
-               long_context, page_local_rope)
+               kv_spec_config_context, long_context, page_local_rope, prefill_chunk_cap,
+               ring_slot_mapping)
 from ._patch import Patch, PatchError
 
 PATCHES: tuple[Patch, ...] = (
@@ -16,6 +17,9 @@ PATCHES: tuple[Patch, ...] = (
     cpu_page_size.PATCH,
     cpu_backend_selection.PATCH,
     page_local_rope.PATCH,
+    kv_spec_config_context.PATCH,
+    ring_slot_mapping.PATCH,
+    prefill_chunk_cap.PATCH,
 )
 
 __all__ = ["PATCHES", "Patch", "PatchError", "apply_all"]

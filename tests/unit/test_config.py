@@ -25,7 +25,9 @@ def test_defaults_come_from_the_model():
     cfg = make()
     assert (cfg.n_global, cfg.n_local, cfg.trained_length, cfg.page_size) == (64, 256, 256, 16)
     assert cfg.num_pinned_pages == 4
-    assert cfg.num_ring_pages == -(-(256 + 512 - 1) // 16) + 1
+    # the default chunk cap is n_local (the batch budget of 512 is larger)
+    assert cfg.max_prefill_chunk_tokens == 256
+    assert cfg.num_ring_pages == -(-(256 + 256 - 1) // 16) + 1
 
 
 def test_scaled_rope_uses_the_original_length():
