@@ -68,6 +68,11 @@ def visible_keys(t):
     return min(t + 1, N_LOCAL) + min(N_GLOBAL, max(0, t + 1 - N_LOCAL))
 
 
+def registers(launch):
+    """Registers per thread and spilled bytes of a compiled Triton launch."""
+    return dict(n_regs=getattr(launch, "n_regs", None), n_spills=getattr(launch, "n_spills", None))
+
+
 def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")  # ms
 
@@ -99,7 +104,8 @@ def decode_bench(position, batch=64, page_size=16, **kernel_args):
     ms_graph = graph_time(fn)
     return dict(position=position, batch=batch, page_size=page_size, kv_bytes=nbytes,
                 ms=ms, ms_graph=ms_graph, tb_per_s=nbytes / ms / 1e9,
-                tb_per_s_graph=nbytes / ms_graph / 1e9, **kernel_args)
+                tb_per_s_graph=nbytes / ms_graph / 1e9, **kernel_args,
+                **registers(triton_decode.LAST_LAUNCH))
 
 
 def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):
@@ -129,7 +135,8 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
     ms = bench(fn, rep=300)
     return dict(position=position, chunk=chunk, page_size=page_size,
                 trained_length=trained_length, visible_pairs=pairs, ms=ms,
-                tflops=flops / ms / 1e9, **kernel_args)
+                tflops=flops / ms / 1e9, **kernel_args,
+                **registers(triton_prefill.LAST_LAUNCH))
 
 
 def sdpa_prefill_bench(queries, keys, causal):
@@ -163,8 +170,8 @@ def main():
     results["sdpa_decode"] = sdpa_decode_bench()
     print("sdpa decode", results["sdpa_decode"], flush=True)
     tune = []
-    for block_keys in (32, 64, 128):
-        for splits in (None, 1, 2, 4):
+    for block_keys in (64, 128, 256):
+        for splits in (None, 2):
             r = decode_bench(1_000_000, block_keys=block_keys, num_splits=splits)
             tune.append(r)
             print("decode", r, flush=True)
@@ -184,7 +191,7 @@ def main():
           flush=True)
     tune = []
     configs = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2),
-               (64, 64, 4, 2), (128, 64, 8, 3)]
+               (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)]
     if args.quick:
         configs = configs[:2]
     for block_m, block_n, warps, stages in configs:

@@ -76,9 +76,14 @@ def xformers_prefill(plan, block_table_row, q, kv, rot, scale, position, chunk):
     # (3) the window branch
     bmghk = lambda x: x.view(1, x.shape[0], KV_HEADS, -1, HEAD_DIM)  # noqa: E731
     expand = lambda x: bmghk(x).expand(-1, -1, -1, group, -1)  # noqa: E731
-    bias = fmha.attn_bias.BlockDiagonalCausalLocalAttentionPaddedKeysMask.from_seqlens_local(
-        [chunk], kv_padding=num_keys, kv_seqlen=[num_keys], window_size=config.n_local
-    ).to(device)
+    # split-K takes local/causal bias objects only for <= 16 queries: a dense additive bias
+    # (its rows padded to a multiple of 8 for alignment, then sliced) carries the window
+    key_position = first_page * page_size + torch.arange(num_keys, device=device)
+    dist = t[:, None] - key_position[None, :]
+    width = -(-num_keys // 8) * 8
+    bias = torch.full((chunk, width), float("-inf"), device=device, dtype=DTYPE)
+    bias[:, :num_keys].masked_fill_((dist >= 0) & (dist < config.n_local), 0.0)
+    bias = bias[:, :num_keys][None, None, None].expand(1, KV_HEADS, group, chunk, num_keys)
     out_local, lse_local = fmha.memory_efficient_attention_partial(
         bmghk(q_local), expand(k), expand(v), attn_bias=bias, scale=scale, op=XFORMERS_OP)
     # (4) the global branch: capped distance L - t mod B

@@ -15,7 +15,10 @@ loop; instead every (t, p) falls in one of two cases, each a plain matrix produc
 
 Every angle stays in [-L, L]: t - t mod B - a < BLOCK_M + B <= L (the launcher checks), and
 a - b_p <= t - b_p <= L wherever the exact case is used. A block computes only the case(s)
-some of its (query, key) pairs need, then picks per pair with the same test. The Λ mask is
+its pairs need: pages some query sees past L always form a prefix of the tile's
+page list (the global pages, then the oldest window pages), so a first loop over that prefix
+computes both cases and picks per pair, and a second loop over the rest computes only the
+exact case (and holds no capped queries in registers). The Λ mask is
 rope_frame.visible, evaluated on positions relative to the anchor (int32, with far keys
 clamped, which keeps them far).
 
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
-                                                 rope_halves, rotate)
+                                                 per_key, rope_halves, rotate)
 
 # Query rows per program: 128 matches the plan's default tile height, so a tile is one
 # program per head; smaller tiles (the last of a chunk) use the next power of two >= 16.
@@ -42,6 +45,85 @@ PREFILL_NUM_STAGES = 2
 # Positions are compared relative to the tile's anchor in int32; a key farther back than
 # this is clamped to it, which keeps it outside the window and past the distance limit.
 FAR = tl.constexpr(1 << 30)
+# Pages per step of the scan that counts the capped prefix of a tile's page list.
+CAPPED_SCAN = tl.constexpr(128)
+# The last compiled launch (bench/ reads its n_regs and n_spills).
+LAST_LAUNCH = None
+
+
+@triton.jit
+def attend_block(acc, m_i, l_i, key_lo, n, kv_head, num_pages,
+                 qe1, qe2, qc1, qc2, qp, t_rel, row_ok, anchor,
+                 kv_ptr, table_ptr, block_ptr, base_ptr,
+                 stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
+                 scale_log2, n_global, n_local, trained_length,
+                 PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                 PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAPPED: tl.constexpr):
+    """One block of BLOCK_N keys (whole pages) into the online softmax of BLOCK_M queries.
+
+    CAPPED: the block may hold (query, page) pairs past the distance limit; computes both
+    cases and picks per pair. Otherwise every pair is exact (the caller guarantees it).
+    """
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    # ---- phase 1: which keys, where, and the Λ mask ----
+    key = key_lo + tl.arange(0, BLOCK_N)
+    page = key // PAGE_SIZE
+    offset = key % PAGE_SIZE
+    page_ok = page < num_pages
+    block = tl.load(block_ptr + n * stride_page_n + page, mask=page_ok, other=0)
+    base = tl.load(base_ptr + n * stride_page_n + page, mask=page_ok, other=-1)
+    key_ok = page_ok & (base >= 0)
+    is_global = (base + offset) < n_global
+    j_rel = (tl.maximum(base - anchor, -FAR) + offset).to(tl.int32)
+    dist = t_rel[:, None] - j_rel[None, :]                      # t - j
+    visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
+               & (is_global[None, :] | (dist < n_local)))
+
+    # ---- phase 2: keys, logits ----
+    k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
+              + offset * stride_ks)
+    k_mask = key_ok[:, None] & half_ok[None, :]
+    k1 = tl.load(k_base[:, None] + first[None, :], mask=k_mask, other=0.0)
+    k2 = tl.load(k_base[:, None] + second[None, :], mask=k_mask, other=0.0)
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        kp = tl.load(k_base[:, None] + 2 * HALF + p_idx[None, :],
+                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+        s_pass = tl.dot(qp, tl.trans(kp))
+    else:
+        s_pass = tl.zeros([qe1.shape[0], BLOCK_N], tl.float32)
+    # exact case: keys turn by b_p - a, one angle per page (clamped where unused)
+    block_page = key_lo // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+    page_base = tl.load(base_ptr + n * stride_page_n + block_page,
+                        mask=block_page < num_pages, other=-1)
+    key_angle = tl.minimum(tl.maximum(page_base - anchor, -trained_length), trained_length)
+    kcos, ksin = cos_sin(table_ptr, stride_table, key_angle, HALF, HALF_PAD)
+    kcos = per_key(kcos, PAGE_SIZE, BLOCK_N, HALF_PAD)
+    ksin = per_key(ksin, PAGE_SIZE, BLOCK_N, HALF_PAD)
+    ke1, ke2 = rotate(k1.to(tl.float32), k2.to(tl.float32), kcos, ksin)
+    s = s_pass + tl.dot(qe1, tl.trans(ke1.to(k1.dtype)))
+    s += tl.dot(qe2, tl.trans(ke2.to(k1.dtype)))
+    if CAPPED:
+        # capped case: queries turned by L - t mod B, keys as stored
+        s_capped = s_pass + tl.dot(qc1, tl.trans(k1))
+        s_capped += tl.dot(qc2, tl.trans(k2))
+        base_rel = tl.maximum(base - anchor, -FAR).to(tl.int32)
+        exact = (t_rel[:, None] - base_rel[None, :]) <= trained_length
+        s = tl.where(exact, s, s_capped)
+    s = tl.where(visible, s * scale_log2, float("-inf"))
+
+    # ---- phase 3: online softmax, accumulate values ----
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    v = tl.load(k_base[:, None] + HEAD_DIM + d[None, :],
+                mask=key_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -106,71 +188,44 @@ def lambda_prefill_kernel(
         p_idx = tl.arange(0, PASS_PAD)
         qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
                      mask=row_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = d < HEAD_DIM
+    else:
+        qp = qe1  # unused
+
+    # ---- the pages some query of this block sees past L form a prefix of the list ----
+    # (global pages, then the oldest window pages; padding pages come last)
+    t_last_rel = tl.max(tl.where(row_ok, t_rel, 0))
+    num_capped = 0
+    for page_lo in range(0, num_pages, CAPPED_SCAN):
+        page = page_lo + tl.arange(0, CAPPED_SCAN)
+        base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
+        far = (base >= 0) & (t_last_rel - tl.maximum(base - anchor, -FAR) > trained_length)
+        num_capped += tl.sum(far.to(tl.int32))
+    capped_end = tl.cdiv(num_capped * PAGE_SIZE, BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-
-    key = tl.arange(0, BLOCK_N)
-    for key_lo in range(0, num_pages * PAGE_SIZE, BLOCK_N):
-        # ---- phase 1: which keys, where, the Λ mask and the case of each pair ----
-        page = (key_lo + key) // PAGE_SIZE
-        offset = (key_lo + key) % PAGE_SIZE
-        page_ok = page < num_pages
-        block = tl.load(block_ptr + n * stride_page_n + page, mask=page_ok, other=0)
-        base = tl.load(base_ptr + n * stride_page_n + page, mask=page_ok, other=-1)
-        key_ok = page_ok & (base >= 0)
-        is_global = (base + offset) < n_global
-        base_rel = tl.maximum(base - anchor, -FAR).to(tl.int32)
-        j_rel = base_rel + offset
-        dist = t_rel[:, None] - j_rel[None, :]              # t - j
-        visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
-                   & (is_global[None, :] | (dist < n_local)))
-        exact = (t_rel[:, None] - base_rel[None, :]) <= trained_length
-        need_exact = tl.max((visible & exact).to(tl.int32)) > 0
-        need_capped = tl.max((visible & ~exact).to(tl.int32)) > 0
-
-        # ---- phase 2: keys, logits of the case(s) this block needs ----
-        k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
-                  + offset * stride_ks)
-        k_mask = key_ok[:, None] & half_ok[None, :]
-        k1 = tl.load(k_base[:, None] + first[None, :], mask=k_mask, other=0.0)
-        k2 = tl.load(k_base[:, None] + second[None, :], mask=k_mask, other=0.0)
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if PASS > 0:
-            kp = tl.load(k_base[:, None] + 2 * HALF + p_idx[None, :],
-                         mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
-            s = tl.dot(qp, tl.trans(kp))
-        s_both = s
-        if need_exact:
-            # keys turn by b_p - a (clamped where this case is not used)
-            angle = tl.minimum(tl.maximum(base_rel, -trained_length), trained_length)
-            cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
-            ke1, ke2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
-            s_exact = s_both + tl.dot(qe1, tl.trans(ke1.to(dtype)))
-            s_exact += tl.dot(qe2, tl.trans(ke2.to(dtype)))
-            s = tl.where(exact, s_exact, s)
-        if need_capped:
-            s_capped = s_both + tl.dot(qc1, tl.trans(k1))
-            s_capped += tl.dot(qc2, tl.trans(k2))
-            s = tl.where(exact, s, s_capped)
-        s = tl.where(visible, s * scale_log2, float("-inf"))
-
-        # ---- phase 3: online softmax, accumulate values ----
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(k_base[:, None] + HEAD_DIM + d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    for key_lo in range(0, capped_end, BLOCK_N):
+        acc, m_i, l_i = attend_block(
+            acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qc1, qc2, qp, t_rel,
+            row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
+            stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
+            scale_log2, n_global, n_local, trained_length,
+            PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
+            BLOCK_N, True)
+    for key_lo in range(capped_end, num_pages * PAGE_SIZE, BLOCK_N):
+        acc, m_i, l_i = attend_block(
+            acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qc1, qc2, qp, t_rel,
+            row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
+            stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
+            scale_log2, n_global, n_local, trained_length,
+            PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
+            BLOCK_N, False)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    d = tl.arange(0, HEAD_DIM_PAD)
     out_base = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh
-    tl.store(out_base + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_base + d[None, :], out, mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
@@ -206,7 +261,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     half = rotation.rotary_dim // 2
     passthrough = head_dim - rotation.rotary_dim
     grid = (num_tiles, num_heads, -(-num_queries // block_m))
-    lambda_prefill_kernel[grid](
+    global LAST_LAUNCH
+    LAST_LAUNCH = lambda_prefill_kernel[grid](
         query, kv_cache, rotation.cos_sin,
         group.query_rows, group.query_position, group.page_block, group.page_base,
         out,
