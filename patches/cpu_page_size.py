@@ -13,13 +13,13 @@ TARGET = "vllm.platforms.cpu:CpuPlatform.check_and_update_config"
 
 
 def _install() -> None:
-    from vllm.logger import init_logger
     from vllm.platforms.cpu import CpuPlatform
 
     import lminf_vllm
     from lminf_vllm import config as lminf_config
+    from lminf_vllm.log import get_logger
 
-    logger = init_logger(__name__)
+    logger = get_logger(__name__)
     original = CpuPlatform.check_and_update_config.__func__
 
     def check_and_update_config(cls, vllm_config):
