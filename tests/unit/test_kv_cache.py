@@ -1,0 +1,173 @@
+"""The ring KV policy with vLLM's own objects: spec, registry, block pool, manager, scheduler.
+
+No engine and no model: the scheduler is vLLM's, built by the scheduler simulation
+(bench/bench_scheduler_sim.py) with the model replaced by a no-op.
+Settings: B = 16, n_global = 32 (G = 2), n_local = 128, chunk cap 128 (R = 17).
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from bench_scheduler_sim import blocks_of, build_scheduler, make_request, no_op_step  # noqa: E402
+
+import lminf_vllm  # noqa: E402
+
+PAGE, N_GLOBAL, N_LOCAL = 16, 32, 128
+PINNED, RING = 2, 17
+PER_REQUEST = PINNED + RING
+NUM_BLOCKS = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    lminf_vllm.register()
+
+
+def make_scheduler(num_blocks=NUM_BLOCKS, max_num_seqs=8, max_num_batched_tokens=512):
+    scheduler, config = build_scheduler(
+        max_model_len=200_000_000, block_size=PAGE, n_global=N_GLOBAL, n_local=N_LOCAL,
+        trained_length=256, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks)
+    assert (config.num_pinned_pages, config.num_ring_pages) == (PINNED, RING)
+    return scheduler
+
+
+def ring_spec(**overrides):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from lminf_vllm.kv_cache import LMInfSpec
+
+    base = FullAttentionSpec(block_size=PAGE, num_kv_heads=2, head_size=64,
+                             dtype=torch.float32)
+    values = dict(num_pinned_pages=PINNED, num_ring_pages=RING) | overrides
+    return LMInfSpec(**{f: getattr(base, f) for f in ("block_size", "num_kv_heads",
+                                                      "head_size", "dtype")}, **values)
+
+
+def test_spec_sizes_memory_and_rows_by_the_ring():
+    spec = ring_spec()
+    assert spec.max_memory_usage_bytes(None) == PER_REQUEST * spec.page_size_bytes
+    assert spec.max_num_blocks_per_req(None, 200_000_000) == PER_REQUEST
+    assert not spec.prefix_cacheable
+    merged = type(spec).merge([spec, ring_spec()])
+    assert merged == spec and type(merged) is type(spec)
+    with pytest.raises(ValueError, match="disagree"):
+        type(spec).merge([spec, ring_spec(num_ring_pages=RING + 1)])
+
+
+def test_registry_maps_the_ring_spec_and_keeps_the_builtins():
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from lminf_vllm.kv_cache import LMInfManager
+
+    spec = ring_spec()
+    assert KVCacheSpecRegistry.get_manager_class(spec) is LMInfManager
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(spec) is FullAttentionSpec
+    plain = FullAttentionSpec(block_size=PAGE, num_kv_heads=2, head_size=64,
+                              dtype=torch.float32)
+    assert KVCacheSpecRegistry.get_manager_class(plain) is FullAttentionManager
+
+
+def test_scheduler_caps_a_lone_request_chunk_and_turns_prefix_caching_off():
+    scheduler = make_scheduler()
+    assert scheduler.scheduler_config.long_prefill_token_threshold == N_LOCAL
+    assert not scheduler.cache_config.enable_prefix_caching
+    scheduler.add_request(make_request("lone", [5] * 2000, max_tokens=2))
+    for _ in range(5):
+        scheduled = no_op_step(scheduler)
+        assert scheduled["lone"] == N_LOCAL
+
+
+@pytest.mark.parametrize("prompt_tokens", [1, PAGE, PER_REQUEST * PAGE - 1,
+                                           PER_REQUEST * PAGE, 5000])
+def test_a_request_holds_at_most_g_plus_r_and_returns_every_block(prompt_tokens):
+    scheduler = make_scheduler()
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    scheduler.add_request(make_request("r", [5] * prompt_tokens, max_tokens=40))
+    held = []
+    while "r" in scheduler.requests:
+        no_op_step(scheduler)
+        held.append(free_before - pool.get_num_free_blocks())
+    expected_peak = min(-(-(prompt_tokens + 39) // PAGE), PER_REQUEST)
+    assert max(held) == expected_peak
+    if PER_REQUEST in held:  # once full, the ring neither grows nor shrinks mid-stream
+        assert set(held[held.index(PER_REQUEST):-1]) == {PER_REQUEST}
+    assert pool.get_num_free_blocks() == free_before
+
+
+def test_a_two_hundred_million_token_request_is_admitted_with_g_plus_r_blocks():
+    scheduler = make_scheduler(num_blocks=PER_REQUEST + 2)
+    prompt = [5] * 200_000_000
+    scheduler.add_request(make_request("huge", prompt, max_tokens=1))
+    del prompt
+    for _ in range(40):
+        scheduled = no_op_step(scheduler)
+        assert scheduled == {"huge": N_LOCAL}
+        assert blocks_of(scheduler, "huge") <= PER_REQUEST
+    assert blocks_of(scheduler, "huge") == PER_REQUEST
+    scheduler.finish_requests("huge", _finished_status())
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == PER_REQUEST + 1
+
+
+def _finished_status():
+    from vllm.v1.request import RequestStatus
+
+    return RequestStatus.FINISHED_ABORTED
+
+
+def test_random_aborts_and_preemptions_restore_the_pool():
+    """300 requests, 200 aborted at random steps, in a pool too small for all of them."""
+    scheduler = make_scheduler(num_blocks=3 * PER_REQUEST)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    rng = np.random.default_rng(0)
+    ids = [f"r{i}" for i in range(300)]
+    for request_id in ids:
+        length = int(rng.choice([3, 40, 200, 300, 304, 305, 700]))
+        scheduler.add_request(make_request(request_id, [5] * length,
+                                           max_tokens=int(rng.integers(1, 30))))
+    abort_step = {r: int(rng.integers(0, 400)) for r in rng.choice(ids, 200, replace=False)}
+    preempted, step = set(), 0
+    while scheduler.requests:
+        due = [r for r, s in abort_step.items() if s == step and r in scheduler.requests]
+        if due:
+            scheduler.finish_requests(due, _finished_status())
+        no_op_step(scheduler)
+        preempted.update(r for r, req in scheduler.requests.items() if req.num_preemptions)
+        for request_id in scheduler.requests:
+            assert blocks_of(scheduler, request_id) <= PER_REQUEST
+        step += 1
+    assert preempted, "no preemption happened; shrink the pool"
+    assert pool.get_num_free_blocks() == free_before
+
+
+def test_ring_slot_mapping_matches_the_table_slot_formula():
+    from vllm.v1.worker.block_table import BlockTable
+
+    from lminf_vllm import rope_frame
+    from lminf_vllm.patches.ring_slot_mapping import RING_ATTR
+
+    table = BlockTable(block_size=PAGE, max_num_reqs=3, max_num_blocks_per_req=PER_REQUEST,
+                       max_num_batched_tokens=64, pin_memory=False,
+                       device=torch.device("cpu"), cp_kv_cache_interleave_size=1)
+    setattr(table, RING_ATTR, (PINNED, RING))
+    rows = torch.randperm(3 * PER_REQUEST, dtype=torch.int32).view(3, PER_REQUEST) + 1
+    table.block_table.cpu[:] = rows
+    table.commit_block_table(3)
+    # a prefill of 5 tokens straddling a wrap, a decode far past the ring, a short prefill
+    positions = torch.tensor([300, 301, 302, 303, 304, 199_999_999, 0, 1, 2])
+    query_start_loc = torch.tensor([0, 5, 6, 9], dtype=torch.int32)
+    table.compute_slot_mapping(3, query_start_loc, positions)
+    req = [0] * 5 + [1] + [2] * 3
+    expected = [int(rows[r, rope_frame.table_slot(int(p) // PAGE, PINNED, RING)]) * PAGE
+                + int(p) % PAGE for r, p in zip(req, positions)]
+    assert table.slot_mapping.gpu[:9].tolist() == expected
+    assert (table.slot_mapping.gpu[9:] == -1).all()
