@@ -42,6 +42,10 @@ def _xformers_op():
     built against another torch than the device's 2.11, so only its Triton split-K kernel runs
     (fa2/fa3/cutlass report "xFormers wasn't build with CUDA support")."""
     from xformers.ops import fmha
+    import xformers.ops.fmha.common as common
+    # Its CUDA check only reflects the C++ extension that failed to load; the split-K kernel
+    # itself is pure Triton and runs.
+    common._built_with_cuda = True
     return fmha.triton_splitk.FwOp
 
 

@@ -22,7 +22,9 @@ exact case (and holds no capped queries in registers). The Λ mask is
 rope_frame.visible, evaluated on positions relative to the anchor (int32, with far keys
 clamped, which keeps them far).
 
-Outputs are normalised in-kernel; one program per (tile, query head, BLOCK_M rows of the tile).
+Two launches of the kernel (PHASE 0: the capped prefix, PHASE 1: the exact rest, which
+continues from phase 0's normalised output and log-sum-exp) keep the capped-case queries out
+of the main loop's registers. One program per (tile, query head, BLOCK_M rows of the tile).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # Query rows per program: 128 matches the plan's default tile height, so a tile is one
 # program per head; smaller tiles (the last of a chunk) use the next power of two >= 16.
 PREFILL_BLOCK_M = 128
-# Keys per inner block: 64 keys x 128 dims fit two bf16 K/V tiles and the fp32 logits of a
-# 128-row block in registers with 8 warps.
-PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 8
+# Keys per inner block and warps: the best of the H100 sweep in bench/bench_kernels.py
+# (bench/results/bench_kernels.json); larger blocks spill registers.
+PREFILL_BLOCK_N = 32
+PREFILL_NUM_WARPS = 4
 PREFILL_NUM_STAGES = 2
 # Positions are compared relative to the tile's anchor in int32; a key farther back than
 # this is clamped to it, which keeps it outside the window and past the distance limit.
@@ -133,11 +135,13 @@ def lambda_prefill_kernel(
     # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P]
     rows_ptr, pos_ptr, block_ptr, base_ptr,
     out_ptr,                         # [N, T, H, D] float32
+    lse_ptr,                         # [N, T, H] float32: phase 0 -> phase 1 (log2 units)
     stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_table,
     stride_row_n, stride_pos_n, stride_page_n,
     stride_on, stride_ot, stride_oh,
+    stride_ln, stride_lt,
     num_queries, num_pages,
     scale_log2,                      # softmax scale * log2(e)
     n_global, n_local, trained_length,
@@ -152,6 +156,7 @@ def lambda_prefill_kernel(
     IS_NEOX: tl.constexpr,
     BLOCK_M: tl.constexpr,           # query rows per program
     BLOCK_N: tl.constexpr,           # keys per inner block (a multiple of B)
+    PHASE: tl.constexpr,             # 0: the capped prefix of the page list; 1: the rest
 ):
     n = tl.program_id(0)
     head = tl.program_id(1)
@@ -180,10 +185,6 @@ def lambda_prefill_kernel(
     qe1, qe2 = rotate(q1, q2, cos, sin)                     # exact case
     qe1 = qe1.to(dtype)
     qe2 = qe2.to(dtype)
-    cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
-    qc1, qc2 = rotate(q1, q2, cos, sin)                     # capped case
-    qc1 = qc1.to(dtype)
-    qc2 = qc2.to(dtype)
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
         qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
@@ -191,41 +192,64 @@ def lambda_prefill_kernel(
     else:
         qp = qe1  # unused
 
-    # ---- the pages some query of this block sees past L form a prefix of the list ----
-    # (global pages, then the oldest window pages; padding pages come last)
+    # ---- where the work lies in the tile's page list (global pages, then window pages in
+    # order, padding last): the pages some query sees past L form a prefix, and pages
+    # past the last query are never visible ----
     t_last_rel = tl.max(tl.where(row_ok, t_rel, 0))
     num_capped = 0
+    num_useful = 0
     for page_lo in range(0, num_pages, CAPPED_SCAN):
         page = page_lo + tl.arange(0, CAPPED_SCAN)
         base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
-        far = (base >= 0) & (t_last_rel - tl.maximum(base - anchor, -FAR) > trained_length)
+        base_rel = tl.maximum(base - anchor, -FAR)
+        far = (base >= 0) & (t_last_rel - base_rel > trained_length)
         num_capped += tl.sum(far.to(tl.int32))
+        num_useful += tl.sum(((base >= 0) & (base_rel <= t_last_rel)).to(tl.int32))
     capped_end = tl.cdiv(num_capped * PAGE_SIZE, BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for key_lo in range(0, capped_end, BLOCK_N):
-        acc, m_i, l_i = attend_block(
-            acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qc1, qc2, qp, t_rel,
-            row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
-            stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
-            scale_log2, n_global, n_local, trained_length,
-            PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
-            BLOCK_N, True)
-    for key_lo in range(capped_end, num_pages * PAGE_SIZE, BLOCK_N):
-        acc, m_i, l_i = attend_block(
-            acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qc1, qc2, qp, t_rel,
-            row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
-            stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
-            scale_log2, n_global, n_local, trained_length,
-            PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
-            BLOCK_N, False)
-
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     d = tl.arange(0, HEAD_DIM_PAD)
+    row_d_ok = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     out_base = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh
-    tl.store(out_base + d[None, :], out, mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+    lse_base = lse_ptr + n * stride_ln + m * stride_lt + head
+    if PHASE == 0:
+        # the capped prefix: both cases, picked per pair
+        cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
+        qc1, qc2 = rotate(q1, q2, cos, sin)
+        qc1 = qc1.to(dtype)
+        qc2 = qc2.to(dtype)
+        m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        for key_lo in range(0, capped_end, BLOCK_N):
+            acc, m_i, l_i = attend_block(
+                acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qc1, qc2, qp, t_rel,
+                row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
+                stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
+                scale_log2, n_global, n_local, trained_length,
+                PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
+                BLOCK_N, True)
+        empty = l_i == 0.0
+        tl.store(out_base + d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
+                 mask=row_d_ok)
+        tl.store(lse_base, tl.where(empty, NEG_BIG, m_i + tl.log2(tl.where(empty, 1.0, l_i))),
+                 mask=row_ok)
+    else:
+        # the exact rest, continuing from phase 0's (normalised output, log2-sum-exp):
+        # (m, l, acc) = (lse, 1, out) is the same partial softmax
+        m_i = tl.load(lse_base, mask=row_ok, other=NEG_BIG)
+        l_i = tl.where(m_i > NEG_BIG, 1.0, 0.0)
+        acc = tl.load(out_base + d[None, :], mask=row_d_ok, other=0.0)
+        useful_end = tl.minimum(num_useful * PAGE_SIZE, num_pages * PAGE_SIZE)
+        for key_lo in range(capped_end, useful_end, BLOCK_N):
+            acc, m_i, l_i = attend_block(
+                acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qe1, qe2, qp, t_rel,
+                row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
+                stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
+                scale_log2, n_global, n_local, trained_length,
+                PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
+                BLOCK_N, False)
+        tl.store(out_base + d[None, :], acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None],
+                 mask=row_d_ok)
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
@@ -260,25 +284,30 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         return out
     half = rotation.rotary_dim // 2
     passthrough = head_dim - rotation.rotary_dim
+    lse = torch.empty(num_tiles, num_queries, num_heads, device=query.device,
+                      dtype=torch.float32)
     grid = (num_tiles, num_heads, -(-num_queries // block_m))
     global LAST_LAUNCH
-    LAST_LAUNCH = lambda_prefill_kernel[grid](
-        query, kv_cache, rotation.cos_sin,
-        group.query_rows, group.query_position, group.page_block, group.page_base,
-        out,
-        query.stride(0), query.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        rotation.cos_sin.stride(0),
-        group.query_rows.stride(0), group.query_position.stride(0), group.page_block.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        num_queries, num_pages,
-        scale * LOG2E,
-        config.n_global, config.n_local, config.trained_length,
-        PAGE_SIZE=page_size, GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16),
-        HALF=half, HALF_PAD=_pow2(half, 16),
-        PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
-        IS_NEOX=bool(rotation.is_neox_style), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    for phase in (0, 1):  # stream-ordered: phase 1 reads what phase 0 wrote
+        LAST_LAUNCH = lambda_prefill_kernel[grid](
+            query, kv_cache, rotation.cos_sin,
+            group.query_rows, group.query_position, group.page_block, group.page_base,
+            out, lse,
+            query.stride(0), query.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            rotation.cos_sin.stride(0),
+            group.query_rows.stride(0), group.query_position.stride(0),
+            group.page_block.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            num_queries, num_pages,
+            scale * LOG2E,
+            config.n_global, config.n_local, config.trained_length,
+            PAGE_SIZE=page_size, GROUP=num_heads // num_kv_heads,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16),
+            HALF=half, HALF_PAD=_pow2(half, 16),
+            PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
+            IS_NEOX=bool(rotation.is_neox_style), BLOCK_M=block_m, BLOCK_N=block_n,
+            PHASE=phase, num_warps=num_warps, num_stages=num_stages,
+        )
     return out
