@@ -81,7 +81,7 @@ def main() -> None:
               f"   {table['lminf'][segment] / first:8.3f}")
     worst = max(abs(v / first - 1) for v in table["lminf"].values())
     print(f"lminf stays within {100 * worst:.1f}% of its 0-256 value (goal: 10%)")
-    path = save("ppl_vs_position", {
+    path = save(f"ppl_vs_position_{args.windows}x{args.length}", {
         "settings": {**vars(args), "n_global": 64, "n_local": 256, "trained_length": 256,
                      "page_size": "auto (16)", "stock_rope_table": args.length},
         "perplexity": table, "max_relative_deviation_lminf": worst,
