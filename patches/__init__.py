@@ -5,9 +5,9 @@ calls it in every vLLM process (API server, EngineCore, worker). docs/patches.md
 generated from PATCHES by `python -m lminf_vllm.patches`.
 """
 
-from . import (backend_enum_pickle, cli_version, cpu_backend_selection, cpu_page_size,
-               kv_spec_config_context, long_context, page_local_rope, prefill_chunk_cap,
-               ring_slot_mapping)
+from . import (backend_enum_pickle, bounded_buffers, cli_version, cpu_backend_selection,
+               cpu_page_size, kv_spec_config_context, long_context, page_local_rope,
+               prefill_chunk_cap, ring_slot_mapping)
 from ._patch import Patch, PatchError
 
 PATCHES: tuple[Patch, ...] = (
@@ -20,6 +20,7 @@ PATCHES: tuple[Patch, ...] = (
     kv_spec_config_context.PATCH,
     ring_slot_mapping.PATCH,
     prefill_chunk_cap.PATCH,
+    bounded_buffers.PATCH,
 )
 
 __all__ = ["PATCHES", "Patch", "PatchError", "apply_all"]
