@@ -28,6 +28,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCache
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request
 
+from lminf_vllm import metrics
 from lminf_vllm.config import LMInfConfig
 
 
@@ -41,13 +42,15 @@ class LMInfSpec(FullAttentionSpec):
 
     num_pinned_pages: int = 0
     num_ring_pages: int = 0
+    trained_length: int = 0  # L, for the tokens-past-L counter only
 
     @classmethod
     def from_attention_spec(cls, spec: AttentionSpec, config: LMInfConfig) -> "LMInfSpec":
         base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)
                 if f.init and hasattr(spec, f.name)}
         return cls(**base, num_pinned_pages=config.num_pinned_pages,
-                   num_ring_pages=config.num_ring_pages)
+                   num_ring_pages=config.num_ring_pages,
+                   trained_length=config.trained_length)
 
     @property
     def num_pages_per_request(self) -> int:
@@ -73,21 +76,28 @@ class LMInfSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list["LMInfSpec"]) -> "LMInfSpec":
-        rings = {(s.num_pinned_pages, s.num_ring_pages) for s in specs}
+        rings = {(s.num_pinned_pages, s.num_ring_pages, s.trained_length) for s in specs}
         if len(rings) != 1:
-            raise ValueError(f"lminf: layers of one KV cache group disagree on (G, R): "
+            raise ValueError(f"lminf: layers of one KV cache group disagree on (G, R, L): "
                              f"{sorted(rings)}")
         merged = FullAttentionSpec.merge(specs)
-        pinned, ring = rings.pop()
+        pinned, ring, trained_length = rings.pop()
         return cls(**{f.name: getattr(merged, f.name) for f in fields(FullAttentionSpec)
                       if f.init},
-                   num_pinned_pages=pinned, num_ring_pages=ring)
+                   num_pinned_pages=pinned, num_ring_pages=ring,
+                   trained_length=trained_length)
 
 
 class LMInfManager(FullAttentionManager):
     """Claims up to G + R blocks per request, then recycles them; never frees mid-stream."""
 
     supports_fine_grained_hash_lookup: ClassVar[bool] = False
+
+    def __init__(self, kv_cache_spec: LMInfSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.counters = metrics.RingCounters()
+        # request id -> (tokens, logical pages) of its stream so far, for the counters
+        self._stream_extent: dict[str, tuple[int, int]] = {}
 
     @property
     def has_positionally_stable_blocks(self) -> bool:
@@ -106,7 +116,10 @@ class LMInfManager(FullAttentionManager):
         if num_new == 0:
             return []
         new_blocks = self.block_pool.get_new_blocks(num_new)
-        self.req_to_blocks[request_id].extend(new_blocks)
+        req_blocks = self.req_to_blocks[request_id]
+        req_blocks.extend(new_blocks)
+        self.counters.on_blocks_held(len(req_blocks) - num_new, len(req_blocks),
+                                     self.kv_cache_spec.num_pinned_pages)
         if self._record_new_block_ids and record_for_zeroing:
             self.new_block_ids.extend(b.block_id for b in new_blocks)
         return new_blocks
@@ -123,7 +136,23 @@ class LMInfManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int,
                             num_tokens_main_model: int) -> list[KVCacheBlock]:
+        tokens_before, pages_before = self._stream_extent.get(request_id, (0, 0))
+        if num_tokens > tokens_before:
+            spec = self.kv_cache_spec
+            pages = cdiv(num_tokens, self.block_size)
+            self.counters.on_stream_growth(pages_before, pages, tokens_before, num_tokens,
+                                           spec.num_pages_per_request, spec.trained_length)
+            self._stream_extent[request_id] = (num_tokens, pages)
         return self._claim(request_id, num_tokens)
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        blocks = super().pop_blocks_for_free(request_id)
+        self.counters.on_blocks_held(len(blocks), 0, self.kv_cache_spec.num_pinned_pages)
+        self._stream_extent.pop(request_id, None)
+        return blocks
+
+    def new_step_starts(self) -> None:
+        metrics.publish(self.counters)
 
     def allocate_external_computed_blocks(self, request_id: str,
                                           num_local_computed_tokens: int,

@@ -171,3 +171,40 @@ def test_ring_slot_mapping_matches_the_table_slot_formula():
                 + int(p) % PAGE for r, p in zip(req, positions)]
     assert table.slot_mapping.gpu[:9].tolist() == expected
     assert (table.slot_mapping.gpu[9:] == -1).all()
+
+
+def test_ring_counters_and_their_prometheus_series():
+    from prometheus_client import REGISTRY
+
+    def sample(name):
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    scheduler = make_scheduler()
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    # the series sum over every manager in the process (earlier tests' included): deltas
+    pinned_before, ring_before = sample("lminf_pages_pinned"), sample("lminf_ring_pages")
+    overwritten_before = sample("lminf_pages_overwritten_total")
+    past_l_before = sample("lminf_tokens_past_trained_length_total")
+    prompt_tokens, max_tokens = 5000, 40
+    scheduler.add_request(make_request("r", [5] * prompt_tokens, max_tokens=max_tokens))
+    no_op_step(scheduler)
+    no_op_step(scheduler)  # the step's start publishes what the previous step counted
+    # two chunks of n_local = 128 tokens: 16 pages, 2 of them pinned
+    assert (manager.counters.pages_pinned, manager.counters.ring_pages) == (PINNED, 14)
+    # the series lag one step: the second step's start published the first chunk's 8 pages
+    assert (sample("lminf_pages_pinned") - pinned_before,
+            sample("lminf_ring_pages") - ring_before) == (PINNED, 6)
+    while "r" in scheduler.requests:
+        no_op_step(scheduler)
+    no_op_step(scheduler)
+    # the last sampled token is never written to the cache
+    slots_written = prompt_tokens + max_tokens - 1
+    overwritten = -(-slots_written // PAGE) - PER_REQUEST
+    assert manager.counters.pages_overwritten == overwritten
+    assert manager.counters.tokens_past_trained_length == slots_written - 256
+    assert (manager.counters.pages_pinned, manager.counters.ring_pages) == (0, 0)
+    assert sample("lminf_pages_overwritten_total") - overwritten_before == overwritten
+    assert sample("lminf_tokens_past_trained_length_total") - past_l_before == \
+        slots_written - 256
+    assert (sample("lminf_pages_pinned"), sample("lminf_ring_pages")) == (pinned_before,
+                                                                         ring_before)
