@@ -79,9 +79,15 @@ def attend_block(acc, m_i, l_i, key_lo, n, kv_head, num_pages,
     key_ok = page_ok & (base >= 0)
     is_global = (base + offset) < n_global
     j_rel = (tl.maximum(base - anchor, -FAR) + offset).to(tl.int32)
-    dist = t_rel[:, None] - j_rel[None, :]                      # t - j
-    visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
-               & (is_global[None, :] | (dist < n_local)))
+    # a block every query sees whole (all rows and keys real, causal, inside the window or
+    # global) skips the per-pair mask: most blocks of a long window
+    t_lo = tl.min(tl.where(row_ok, t_rel, FAR))
+    t_hi = tl.max(tl.where(row_ok, t_rel, -FAR))
+    j_lo = tl.min(tl.where(key_ok, j_rel, FAR))
+    j_hi = tl.max(tl.where(key_ok, j_rel, -FAR))
+    whole = ((tl.min(row_ok.to(tl.int32)) == 1) & (tl.min(key_ok.to(tl.int32)) == 1)
+             & (t_lo - j_hi >= 0)
+             & ((t_hi - j_lo < n_local) | (tl.min(is_global.to(tl.int32)) == 1)))
 
     # ---- phase 2: keys, logits ----
     k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
@@ -114,7 +120,13 @@ def attend_block(acc, m_i, l_i, key_lo, n, kv_head, num_pages,
         base_rel = tl.maximum(base - anchor, -FAR).to(tl.int32)
         exact = (t_rel[:, None] - base_rel[None, :]) <= trained_length
         s = tl.where(exact, s, s_capped)
-    s = tl.where(visible, s * scale_log2, float("-inf"))
+    if whole:
+        s = s * scale_log2
+    else:
+        dist = t_rel[:, None] - j_rel[None, :]                  # t - j
+        visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
+                   & (is_global[None, :] | (dist < n_local)))
+        s = tl.where(visible, s * scale_log2, float("-inf"))
 
     # ---- phase 3: online softmax, accumulate values ----
     m_new = tl.maximum(m_i, tl.max(s, 1))
