@@ -47,7 +47,8 @@ def attend_group(plan: AttentionPlan, group: TileGroup, query: torch.Tensor,
 
     angle = rope_frame.query_angle(group.query_position[:, :, None], group.page_base[:, None, :],
                                    config.page_size, config.trained_length)   # [N, T, P]
-    cos, sin = rotation.cos_sin_of(angle)
+    # Pages after a query (later in its tile) are masked; bound their angles to the table.
+    cos, sin = rotation.cos_sin_of(angle.clamp(min=1 - config.page_size))
     q_rot = rotate(q[:, :, None], cos[..., None, :], sin[..., None, :],
                    rotation.is_neox_style)                            # [N, T, P, H, D]
     q_rot = q_rot.view(n, t, -1, num_kv_heads, num_heads // num_kv_heads, head_dim)
