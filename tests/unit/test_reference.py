@@ -47,6 +47,8 @@ CASES = {
                                                       33, True, [(1000, 33), (17, 17)]),
     "prefill-tiles-longer-than-128": Case(16, 64, 200, 256, 2, 1, 16, 16, "neox", 300, False,
                                           [(500, 300)]),
+    # tiles of 64 queries exceed L - B + 2 = 26: the per-page query rotation serves them
+    "tiles-longer-than-l": Case(8, 8, 24, 32, 4, 2, 16, 16, "gptj", 64, True, [(200, 64)]),
 }
 
 
