@@ -62,6 +62,13 @@ class LMInfSpec(FullAttentionSpec):
         return False
 
     @property
+    def uses_slot_mapping(self) -> bool:
+        # The backend writes the cache through its own plan (ring addressing). vLLM's V2
+        # runner honours this and skips its slot mapping; the V1 runner ignores it, so
+        # patches/ring_slot_mapping.py makes V1's mapping follow the ring instead.
+        return False
+
+    @property
     def block_table_token_alignment(self) -> int | None:
         # The row is exactly G + R columns; alignment would only add unused ones.
         return None

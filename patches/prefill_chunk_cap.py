@@ -57,10 +57,11 @@ def configure_scheduler(vllm_config, logger) -> int | None:
 
 
 def _install() -> None:
-    from vllm.logger import init_logger
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    logger = init_logger(__name__)
+    from lminf_vllm.log import get_logger
+
+    logger = get_logger(__name__)
     init = Scheduler.__init__
     schedule = Scheduler.schedule
 

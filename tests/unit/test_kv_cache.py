@@ -53,7 +53,7 @@ def test_spec_sizes_memory_and_rows_by_the_ring():
     spec = ring_spec()
     assert spec.max_memory_usage_bytes(None) == PER_REQUEST * spec.page_size_bytes
     assert spec.max_num_blocks_per_req(None, 200_000_000) == PER_REQUEST
-    assert not spec.prefix_cacheable
+    assert not spec.prefix_cacheable and not spec.uses_slot_mapping
     merged = type(spec).merge([spec, ring_spec()])
     assert merged == spec and type(merged) is type(spec)
     with pytest.raises(ValueError, match="disagree"):
