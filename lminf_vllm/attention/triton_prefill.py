@@ -24,9 +24,7 @@ clamped, which keeps them far).
 
 Two launches of the kernel (PHASE 0: the capped prefix, PHASE 1: the exact rest, which
 continues from phase 0's normalised output and log-sum-exp) keep the capped-case queries out
-of the main loop's registers. One program per (tile, KV head, BLOCK_M rows); a row is a
-(query, head) pair with the GQA group's heads side by side, so each block of keys is loaded,
-turned and masked once for all query heads that share it.
+of the main loop's registers. One program per (tile, query head, BLOCK_M rows of the tile).
 """
 
 from __future__ import annotations
@@ -168,29 +166,27 @@ def lambda_prefill_kernel(
     PASS: tl.constexpr,              # head_dim - rotary_dim
     PASS_PAD: tl.constexpr,
     IS_NEOX: tl.constexpr,
-    BLOCK_M: tl.constexpr,           # (query, head) rows per program
+    BLOCK_M: tl.constexpr,           # query rows per program
     BLOCK_N: tl.constexpr,           # keys per inner block (a multiple of B)
     PHASE: tl.constexpr,             # 0: the capped prefix of the page list; 1: the rest
 ):
     n = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head = tl.program_id(1)
     row_block = tl.program_id(2)
+    kv_head = head // GROUP
 
-    # ---- the block's rows: (query, head) pairs, the GQA group's heads side by side, so the
-    # keys are loaded and turned once for all heads that share them ----
+    # ---- the tile's queries and their two rotations ----
     m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    query = m // GROUP
-    head = kv_head * GROUP + m % GROUP
-    row_ok = query < num_queries
-    t_first = tl.load(pos_ptr + n * stride_pos_n + (row_block * BLOCK_M) // GROUP)
-    t = tl.load(pos_ptr + n * stride_pos_n + query, mask=row_ok, other=t_first)
-    q_row = tl.load(rows_ptr + n * stride_row_n + query, mask=row_ok, other=0)
+    row_ok = m < num_queries
+    t_first = tl.load(pos_ptr + n * stride_pos_n + row_block * BLOCK_M)
+    t = tl.load(pos_ptr + n * stride_pos_n + m, mask=row_ok, other=t_first)
+    q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
     anchor = t_first - t_first % PAGE_SIZE
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
     t_rel = (t - anchor).to(tl.int32)                       # in [0, BLOCK_M + B)
 
     first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    q_base = q_ptr + (q_row.to(tl.int64) * stride_qt + head * stride_qh)[:, None]
+    q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
     q_mask = row_ok[:, None] & half_ok[None, :]
     q1 = tl.load(q_base + first[None, :], mask=q_mask, other=0.0)
     q2 = tl.load(q_base + second[None, :], mask=q_mask, other=0.0)
@@ -225,8 +221,8 @@ def lambda_prefill_kernel(
 
     d = tl.arange(0, HEAD_DIM_PAD)
     row_d_ok = row_ok[:, None] & (d < HEAD_DIM)[None, :]
-    out_base = out_ptr + n * stride_on + (query * stride_ot + head * stride_oh)[:, None]
-    lse_base = lse_ptr + n * stride_ln + query * stride_lt + head
+    out_base = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh
+    lse_base = lse_ptr + n * stride_ln + m * stride_lt + head
     if PHASE == 0:
         # the capped prefix: both cases, picked per pair
         cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
@@ -286,8 +282,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     num_pages = group.page_block.shape[1]
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
-    group_size = num_heads // num_kv_heads
-    block_m = min(block_m, _pow2(num_queries * group_size, 16))
+    block_m = min(block_m, _pow2(num_queries, 16))
     # the exact case turns queries by up to BLOCK_M + B - 1: that must be a table row
     while block_m > 16 and block_m + page_size - 1 > config.trained_length:
         block_m //= 2
@@ -303,7 +298,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     passthrough = head_dim - rotation.rotary_dim
     lse = torch.empty(num_tiles, num_queries, num_heads, device=query.device,
                       dtype=torch.float32)
-    grid = (num_tiles, num_kv_heads, -(-num_queries * group_size // block_m))
+    grid = (num_tiles, num_heads, -(-num_queries // block_m))
     global LAST_LAUNCH
     for phase in (0, 1):  # stream-ordered: phase 1 reads what phase 0 wrote
         LAST_LAUNCH = lambda_prefill_kernel[grid](
