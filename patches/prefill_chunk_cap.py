@@ -12,6 +12,9 @@ on. This patch, only when LMINF is selected:
   tokens after every wrap, so a cached page would be wrong), logging each change;
 * Scheduler.schedule: when at most one request is eligible, lowers the step's token
   budget to the chunk cap, which is the same cap for the lone request.
+
+A KV connector (kv_transfer_config) is refused at the same point with the reason: it moves
+pages by position, which a ring does not keep.
 """
 
 from ._patch import Patch, carries_mark, mark_applied
@@ -33,6 +36,11 @@ def configure_scheduler(vllm_config, logger) -> int | None:
     if not lminf_vllm.is_selected(vllm_config):
         return None
     cap = lminf_config.from_vllm_config(vllm_config).max_prefill_chunk_tokens
+    if vllm_config.kv_transfer_config is not None:
+        raise lminf_config.LMInfConfigError(
+            "lminf: KV connectors (kv_transfer_config) are not supported: they move pages "
+            "by position, and a ring page holds a different part of the stream after "
+            "every wrap; remove kv_transfer_config or use another attention backend")
     scheduler_config = vllm_config.scheduler_config
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:

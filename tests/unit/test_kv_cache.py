@@ -208,3 +208,18 @@ def test_ring_counters_and_their_prometheus_series():
         slots_written - 256
     assert (sample("lminf_pages_pinned"), sample("lminf_ring_pages")) == (pinned_before,
                                                                          ring_before)
+
+
+def test_kv_connectors_are_refused_with_the_reason():
+    import copy
+    import logging
+
+    from vllm.config import KVTransferConfig
+
+    from lminf_vllm.patches.prefill_chunk_cap import configure_scheduler
+
+    vllm_config = copy.copy(make_scheduler().vllm_config)
+    vllm_config.kv_transfer_config = KVTransferConfig(kv_connector="ExampleConnector",
+                                                      kv_role="kv_both")
+    with pytest.raises(ValueError, match="KV connectors"):
+        configure_scheduler(vllm_config, logging.getLogger(__name__))
