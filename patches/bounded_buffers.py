@@ -5,10 +5,10 @@
   max_model_len = 2e8, charged to the KV budget (VLLM_NOTES B5). They are indexed by
   absolute position, so the layout stays; this patch backs them with one private anonymous
   mapping each (MAP_NORESERVE): the kernel hands out zero pages on first write, so memory is
-  committed only for the tokens a slot has actually held. When a request leaves its slot,
-  the slot's row is returned to the kernel (madvise MADV_DONTNEED), so a slot that once held
-  a long stream does not keep its pages. Applied to every buffer of at least
-  LAZY_MIN_BYTES; the contents are the same zeros as before.
+  committed only for the tokens a slot has actually held. When a request leaves its slot
+  (removed, or moved down by `condense`), the slot's row is returned to the kernel (madvise
+  MADV_DONTNEED), so only live requests' tokens stay committed. Applied to every such
+  buffer of at least LAZY_MIN_BYTES; the contents are the same zeros as before.
 * The placeholder InputBatch that GPUModelRunner.__init__ builds before the KV cache spec is
   known has a block table [max_num_reqs, max_model_len / B] int32 (50 MB per slot at 2e8
   and B = 16, allocated twice on CPU). With LMINF selected its width is capped at G + R,
@@ -26,6 +26,7 @@ from ._patch import Patch, carries_mark, mark_applied
 NAME = "bounded_buffers"
 TARGET = "vllm.v1.worker.gpu_input_batch:InputBatch.__init__"
 REMOVE = "vllm.v1.worker.gpu_input_batch:InputBatch.remove_request"
+CONDENSE = "vllm.v1.worker.gpu_input_batch:InputBatch.condense"
 RUNNER_INIT = "vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__"
 # Smaller buffers keep vLLM's own allocation: a mapping per buffer is only worth it once
 # committing it up front costs real memory.
@@ -95,6 +96,7 @@ def _install() -> None:
 
     input_batch_init = InputBatch.__init__
     remove_request = InputBatch.remove_request
+    condense = InputBatch.condense
     runner_init = GPUModelRunner.__init__
 
     def input_batch_init_bounded(self, *args, **kwargs):
@@ -117,6 +119,17 @@ def _install() -> None:
                 release_row(tensor, mapping, req_index)
         return req_index
 
+    def condense_releasing(self):
+        rows = getattr(self, LAZY_ROWS_ATTR, ())
+        if not rows:
+            return condense(self)
+        index_before = dict(self.req_id_to_index)
+        condense(self)
+        for req_id, index in index_before.items():
+            if self.req_id_to_index.get(req_id) != index:  # moved down: old row is empty
+                for tensor, mapping in rows:
+                    release_row(tensor, mapping, index)
+
     def runner_init_bounded(self, vllm_config, *args, **kwargs):
         cap = None
         if lminf_vllm.is_selected(vllm_config):
@@ -130,6 +143,7 @@ def _install() -> None:
 
     InputBatch.__init__ = mark_applied(input_batch_init_bounded, NAME)
     InputBatch.remove_request = remove_request_releasing
+    InputBatch.condense = condense_releasing
     GPUModelRunner.__init__ = runner_init_bounded
 
 
@@ -137,15 +151,16 @@ PATCH = Patch(
     name=NAME,
     target=TARGET,
     what=("InputBatch's [max_num_reqs, max_model_len] token buffers are committed on first "
-          "write and a slot's row is released when its request leaves; with LMINF the "
-          "placeholder block table built in GPUModelRunner.__init__ is G + R wide"),
+          "write and a slot's row is released when its request leaves or moves; with "
+          "LMINF the placeholder block table built in GPUModelRunner.__init__ is G + R "
+          "wide"),
     why=("at max_model_len = 2e8 the token buffers cost 1 GB per slot at startup (taken "
          "from the KV budget) and the placeholder block table 50 MB per slot at B = 16"),
     upstream="none found; vLLM's own comment on the buffer says 'This buffer could be too "
              "large if max_model_len is big' (TODO(woosuk))",
     remove_when="vLLM sizes the per-slot token buffers by the live stream",
     fingerprinted={TARGET: "f08db9118357af89", REMOVE: "74776981e14d7610",
-                   RUNNER_INIT: "f3466944c1e2cbfc"},
+                   CONDENSE: "49c263ad7095110e", RUNNER_INIT: "f3466944c1e2cbfc"},
     install=_install,
     installed=carries_mark(TARGET, NAME),
 )

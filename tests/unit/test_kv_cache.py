@@ -223,3 +223,33 @@ def test_kv_connectors_are_refused_with_the_reason():
                                                       kv_role="kv_both")
     with pytest.raises(ValueError, match="KV connectors"):
         configure_scheduler(vllm_config, logging.getLogger(__name__))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_token_buffers_are_committed_on_write_and_released_with_the_slot():
+    """InputBatch at max_model_len = 2e8 and 64 slots: 64 GB of token buffers if committed."""
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    from lminf_vllm.patches.bounded_buffers import LAZY_ROWS_ATTR, release_row
+
+    rss_before = _rss_bytes()
+    batch = InputBatch(max_num_reqs=64, max_model_len=200_000_000, max_num_batched_tokens=512,
+                       device=torch.device("cpu"), vocab_size=8192, block_sizes=[PAGE],
+                       max_num_blocks_per_req=[PER_REQUEST])
+    assert batch.token_ids_cpu.shape == (64, 200_000_000)
+    assert _rss_bytes() - rss_before < 256 << 20, "the token buffers were committed up front"
+    rows = getattr(batch, LAZY_ROWS_ATTR)
+    assert len(rows) == 2  # token ids and is_token_ids
+    batch.token_ids_cpu[3, :5_000_000] = 7
+    assert int(batch.token_ids_cpu[3, 4_999_999]) == 7 and int(batch.token_ids_cpu[2, 0]) == 0
+    written = _rss_bytes()
+    for tensor, mapping in rows:
+        release_row(tensor, mapping, 3)
+    # whole pages only: the partial pages at the row's two ends keep their (stale) ids,
+    # which vLLM overwrites before reading, as it does without the patch
+    assert int(batch.token_ids_cpu[3, 10_000]) == 0
+    assert written - _rss_bytes() > 15 << 20  # the 20 MB written went back to the kernel
