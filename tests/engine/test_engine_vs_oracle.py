@@ -18,7 +18,9 @@ PROMPT_TOKENS = 1024
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(**engine_kwargs(max_num_batched_tokens=2048))
+    # The per-request chunk cap defaults to n_local; lift it so the prompt is one chunk.
+    return LLM(**engine_kwargs(max_num_batched_tokens=2048, additional_config={
+        "lminf": {"max_prefill_chunk_tokens": 2048}}))
 
 
 @pytest.fixture(scope="module")
