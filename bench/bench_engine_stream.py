@@ -20,14 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "tests" / "assets" / "tiny-llama-L256"
-VAL_TOKENS = REPO.parent / "shared" / "data" / "val.npy"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from common import MODEL_DIR, REPO, VAL_TOKENS, rss_bytes
 
 
 def main() -> None:

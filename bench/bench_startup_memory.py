@@ -21,13 +21,7 @@ import resource
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "tests" / "assets" / "tiny-llama-L256"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from common import MODEL_DIR, REPO, rss_bytes
 
 
 def main() -> None:

@@ -16,6 +16,12 @@ RESULTS = REPO / "bench" / "results"
 VAL_TOKENS = REPO.parent / "shared" / "data" / "val.npy"
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def val_tokens() -> np.ndarray:
     return np.load(VAL_TOKENS)
 
