@@ -152,6 +152,11 @@ def unsupported_model_reason(hf_config: Any, sliding_window: int | None) -> str 
     return None
 
 
+def trained_length(parameters: Mapping[str, Any], hf_config: Any) -> int:
+    """L: the user's trained_length, else the model's (default_trained_length)."""
+    return parameters.get("trained_length", default_trained_length(hf_config))
+
+
 def default_trained_length(hf_config: Any) -> int:
     """L: the model's original trained length (before any RoPE scaling)."""
     for p in rope_parameters(hf_config):
@@ -176,16 +181,16 @@ def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: An
     reason = unsupported_model_reason(hf_config, sliding_window)
     if reason:
         raise LMInfConfigError(f"lminf: unsupported model ({reason})")
-    trained_length = parameters.get("trained_length", default_trained_length(hf_config))
+    distance_limit = trained_length(parameters, hf_config)
+    n_local = parameters.get("n_local", distance_limit)
     return LMInfConfig(
         n_global=parameters.get("n_global", DEFAULT_N_GLOBAL),
-        n_local=parameters.get("n_local", trained_length),
-        trained_length=trained_length,
+        n_local=n_local,
+        trained_length=distance_limit,
         page_size=page_size,
         max_prefill_chunk_tokens=parameters.get(
             "max_prefill_chunk_tokens",
-            default_prefill_chunk_tokens(parameters.get("n_local", trained_length),
-                                         page_size, max_num_batched_tokens)),
+            default_prefill_chunk_tokens(n_local, page_size, max_num_batched_tokens)),
     )
 
 

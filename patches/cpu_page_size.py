@@ -29,9 +29,8 @@ def _install() -> None:
                 or cache_config.user_specified_block_size):
             return
         parameters = lminf_config.user_parameters(vllm_config.additional_config)
-        trained_length = parameters.get(
-            "trained_length",
-            lminf_config.default_trained_length(vllm_config.model_config.hf_text_config))
+        trained_length = lminf_config.trained_length(
+            parameters, vllm_config.model_config.hf_text_config)
         cache_config.block_size = lminf_config.auto_page_size(trained_length)
         logger.info("lminf: page size %d tokens for trained length %d (set --block-size to "
                     "override)", cache_config.block_size, trained_length)
