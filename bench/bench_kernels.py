@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lminf_vllm.attention import build_plan, triton_decode, triton_prefill  # noqa: E402
+from lminf_vllm.attention import (build_plan, plan_tile_queries, rotation_for,  # noqa: E402
+                                  triton_decode, triton_prefill)
 from lminf_vllm.attention.rotation import QueryRotation  # noqa: E402
 from lminf_vllm.config import LMInfConfig  # noqa: E402
 
@@ -58,10 +59,12 @@ def setup(requests, page_size=16, trained_length=4096, chunk=4096, seed=0):
     qsl = np.concatenate([[0], np.cumsum(query_lens)])
     num_blocks = len(requests) * width
     table = torch.randperm(num_blocks, generator=g).view(-1, width).cuda()
-    plan = build_plan(config, qsl, seq_lens, table, num_ring_pages=config.num_ring_pages)
+    # the plan and rotation table the backend builds on CUDA (one tile per request chunk)
+    plan = build_plan(config, qsl, seq_lens, table, num_ring_pages=config.num_ring_pages,
+                      tile_queries=plan_tile_queries(config, "cuda"))
     kv = torch.randn(num_blocks, KV_HEADS, page_size, 2 * HEAD_DIM, device="cuda", dtype=DTYPE)
     q = torch.randn(int(qsl[-1]), HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-    return plan, q, kv, rope_table(HEAD_DIM, trained_length)
+    return plan, q, kv, rotation_for(rope_table(HEAD_DIM, trained_length), config, "cuda")
 
 
 def visible_keys(t):
@@ -130,12 +133,16 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
         for group in plan.groups:
             triton_prefill.attend_group(plan, group, q, kv, rot, scale, **kernel_args)
 
+    def turn_only():
+        for group in plan.groups:
+            triton_prefill.turn_pages(group, kv, rot)
+
     pairs = sum(visible_keys(t) for t in range(position, position + chunk))
     flops = 4 * pairs * HEAD_DIM * HEADS
     ms = bench(fn, rep=300)
     return dict(position=position, chunk=chunk, page_size=page_size,
                 trained_length=trained_length, visible_pairs=pairs, ms=ms,
-                tflops=flops / ms / 1e9, **kernel_args,
+                tflops=flops / ms / 1e9, turn_pages_ms=bench(turn_only), **kernel_args,
                 **registers(triton_prefill.LAST_LAUNCH))
 
 
@@ -190,22 +197,24 @@ def main():
     print("sdpa prefill", results["sdpa_prefill_window"], results["sdpa_prefill_causal"],
           flush=True)
     tune = []
-    configs = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2),
-               (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)]
+    configs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+               (128, 128, 8, 2), (64, 64, 4, 3)]
+    configs = [c + (tma,) for tma in (False, True) for c in configs]
     if args.quick:
         configs = configs[:2]
-    for block_m, block_n, warps, stages in configs:
+    for block_m, block_n, warps, stages, tma in configs:
+        args_ = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
+                     use_tma=tma)
         try:
-            r = prefill_bench(1_000_000, block_m=block_m, block_n=block_n, num_warps=warps,
-                              num_stages=stages)
+            r = prefill_bench(1_000_000, **args_)
         except Exception as e:  # e.g. out of shared memory for one configuration
-            r = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-                     error=repr(e)[:300])
+            r = dict(args_, error=repr(e)[:300])
         tune.append(r)
         print("prefill", r, flush=True)
     results["prefill_tuning"] = tune
     best = max((r for r in tune if "tflops" in r), key=lambda r: r["tflops"])
-    kernel_args = {k: best[k] for k in ("block_m", "block_n", "num_warps", "num_stages")}
+    kernel_args = {k: best[k] for k in ("block_m", "block_n", "num_warps", "num_stages",
+                                        "use_tma")}
     results["prefill_best"] = best
     results["prefill_first_chunk"] = prefill_bench(0, **kernel_args)
     results["prefill_L8192"] = prefill_bench(1_000_000, trained_length=8192, **kernel_args)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lminf_vllm import attention  # noqa: E402
-from lminf_vllm.attention import AttentionPlan, TileGroup, build_plan  # noqa: E402
+from lminf_vllm.attention import (AttentionPlan, TileGroup, build_plan,  # noqa: E402
+                                  plan_tile_queries, rotation_for)
 from lminf_vllm.attention.rotation import QueryRotation, rotate  # noqa: E402
 from lminf_vllm.config import DEFAULT_N_GLOBAL, LMInfConfig  # noqa: E402
 
@@ -75,14 +75,16 @@ class TinyLlama:
                                    / self.head_dim)
         angle = torch.arange(trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
         table = torch.cat([angle.cos(), angle.sin()], dim=1).float()      # the model's cache
-        self.rotation = QueryRotation.from_model_table(table, trained_length + 1, True
-                                                       ).to(device)
+        model_rotation = QueryRotation.from_model_table(table, trained_length + 1, True)
         self.rope_cos = table[:, : self.head_dim // 2].to(device)
         self.rope_sin = table[:, self.head_dim // 2:].to(device)
         self.config = LMInfConfig(
             n_global=config_overrides.get("n_global", DEFAULT_N_GLOBAL),
             n_local=config_overrides.get("n_local", trained_length),
             trained_length=trained_length, page_size=PAGE_SIZE, max_prefill_chunk_tokens=chunk)
+        # the table and tiles the backend uses on this device
+        self.rotation = rotation_for(model_rotation, self.config, device)
+        self.tile_queries = plan_tile_queries(self.config, device)
         width = self.config.num_pinned_pages + self.config.num_ring_pages
         self.block_table = torch.arange(width).view(1, width)             # host, one request
         self.kv = [torch.zeros(width, self.kv_heads, PAGE_SIZE, 2 * self.head_dim,
@@ -93,7 +95,7 @@ class TinyLlama:
         """The step's plan, built on the host and moved without a sync."""
         plan = build_plan(self.config, np.array([0, length]), np.array([start + length]),
                           self.block_table, num_ring_pages=self.config.num_ring_pages,
-                          min_pages=min_pages)
+                          tile_queries=self.tile_queries, min_pages=min_pages)
         return to_device(plan, self.device)
 
     def rms(self, x, name):

@@ -90,7 +90,9 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = lminf_config.from_vllm_config(vllm_config)
-        self.rotation = query_rotation_for(kv_cache_spec.head_size).to(device)
+        self.rotation = attention.rotation_for(query_rotation_for(kv_cache_spec.head_size),
+                                               self.config, device)
+        self.tile_queries = attention.plan_tile_queries(self.config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LMInfMetadata:
@@ -105,6 +107,7 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             seq_lens=seq_lens[:num_reqs].numpy(),
             block_table=meta.block_table_tensor[:num_reqs],
             num_ring_pages=self.config.num_ring_pages,
+            tile_queries=self.tile_queries,
         )
         return LMInfMetadata(plan=plan, rotation=self.rotation,
                              num_actual_tokens=meta.num_actual_tokens)

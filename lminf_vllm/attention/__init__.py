@@ -1,10 +1,34 @@
 """Λ-attention over the paged cache: planning plus the path chosen by device."""
 
-from lminf_vllm.attention.plan import AttentionPlan, TileGroup, build_plan
+import torch
+
+from lminf_vllm.attention.plan import DEFAULT_TILE_QUERIES, AttentionPlan, TileGroup, build_plan
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.attention import reference
 
-__all__ = ["AttentionPlan", "TileGroup", "QueryRotation", "build_plan", "run", "write_kv"]
+__all__ = ["AttentionPlan", "TileGroup", "QueryRotation", "build_plan", "plan_tile_queries",
+           "rotation_for", "run", "write_kv"]
+
+
+def plan_tile_queries(config, device: torch.device) -> int:
+    """Queries per plan tile for the path that runs on `device`.
+
+    CUDA: a whole request chunk per tile, so the prefill kernel turns each window key once
+    per step (triton_prefill.turn_pages_kernel) and every row block of the chunk reads that
+    copy. CPU: the reference's tile height, which bounds its [T, P, H, D] temporaries.
+    """
+    if torch.device(device).type == "cuda":
+        return config.max_prefill_chunk_tokens
+    return DEFAULT_TILE_QUERIES
+
+
+def rotation_for(rotation: QueryRotation, config, device: torch.device) -> QueryRotation:
+    """The query rotation table on `device`, with every angle that device's path reads."""
+    if torch.device(device).type == "cuda":
+        from lminf_vllm.attention.triton_prefill import angles_needed  # triton only on GPU
+        rotation = rotation.with_angles(
+            angles_needed(config, plan_tile_queries(config, device)))
+    return rotation.to(device)
 
 
 def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:

@@ -41,6 +41,28 @@ class QueryRotation:
         table = torch.cat([table[:, :half] / magnitude, table[:, half:] / magnitude], dim=1)
         return QueryRotation(table.contiguous(), cos_sin_cache.shape[1], is_neox_style)
 
+    def with_angles(self, num_angles: int) -> "QueryRotation":
+        """The same rotation with rows for angles 0..num_angles-1 (this one if it has them).
+
+        The GPU prefill turns a whole chunk's queries and keys against one anchor, which
+        needs angles up to the chunk length, possibly past L. Rows past the table's last row
+        (angle L) are composed from the model's own rows, R(k * L + r) = R(L)^k R(r), so a
+        scaled table (linear, NTK, YaRN) stays the model's rotation: each frequency turns by
+        k times its own angle at L plus its own angle at r. Computed once, in float64.
+        """
+        rows = self.cos_sin.shape[0]
+        if num_angles <= rows:
+            return self
+        table = self.cos_sin.double()
+        half = table.shape[1] // 2
+        phase = torch.atan2(table[:, half:], table[:, :half])           # [rows, half]
+        last = rows - 1
+        angle = torch.arange(rows, num_angles, device=table.device)
+        composed = (angle // last)[:, None] * phase[last] + phase[angle % last]
+        extra = torch.cat([composed.cos(), composed.sin()], dim=1).to(self.cos_sin.dtype)
+        return QueryRotation(torch.cat([self.cos_sin, extra]).contiguous(), self.rotary_dim,
+                             self.is_neox_style)
+
     def to(self, device: torch.device) -> "QueryRotation":
         return QueryRotation(self.cos_sin.to(device), self.rotary_dim, self.is_neox_style)
 

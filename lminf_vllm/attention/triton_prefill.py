@@ -3,28 +3,34 @@
 Reads the same TileGroup as `reference.attend_group` (any T; the chunk's own keys are already
 in the cache) and computes the same function (DESIGN §2-3). Per (query t, page p) the query
 must turn by angle(t, p) = min(t - b_p, L) - t mod B before its dot products with the page's
-keys. Doing that per (query, page) would put a rotation of the whole query block in the inner
-loop; instead every (t, p) falls in one of two cases, each a plain matrix product:
+keys (stored turned by j - b_p). Every (t, p) falls in one of two cases:
 
-  exact  (t - b_p <= L): angle = (t - t mod B - a) + (a - b_p) for the tile's anchor
-         a = B * floor(t_first / B). The query turns by the first term once per tile
-         (q_exact), each key by -(a - b_p) once per block, and
-         <R(angle) q, k> = <R(t - t mod B - a) q, R(b_p - a) k>.
+  exact  (t - b_p <= L): the logit is plain RoPE at distance t - j. With the tile's anchor
+         a = B * floor(t_first / B): <R(t - t mod B - a) q, R(b_p - a) k>.
   capped (t - b_p >  L): angle = L - t mod B, independent of the page: the query turns once
-         per tile (q_capped) and the keys are used as stored.
+         and the keys are used as stored.
 
-Every angle stays in [-L, L]: t - t mod B - a < BLOCK_M + B <= L (the launcher checks), and
-a - b_p <= t - b_p <= L wherever the exact case is used. A block computes only the case(s)
-its pairs need: pages some query sees past L always form a prefix of the tile's
-page list (the global pages, then the oldest window pages), so a first loop over that prefix
-computes both cases and picks per pair, and a second loop over the rest computes only the
-exact case (and holds no capped queries in registers). The Λ mask is
-rope_frame.visible, evaluated on positions relative to the anchor (int32, with far keys
-clamped, which keeps them far).
+So the work is split in two launches:
 
-Two launches of the kernel (PHASE 0: the capped prefix, PHASE 1: the exact rest, which
-continues from phase 0's normalised output and log-sum-exp) keep the capped-case queries out
-of the main loop's registers. One program per (tile, query head, BLOCK_M rows of the tile).
+1. `turn_pages_kernel` turns each key of the tile's page list once per step by b_p - a into
+   a dense [tile, KV head, key, :] copy, beside a dense copy of the values (slots not written
+   yet are zeros). This is the one place a key is turned: the old per-block turn in the inner
+   loop was repeated for every query head and row block, and kept the loop off the tensor
+   cores' pace.
+2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile): the queries
+   turn twice (exact and capped), then the keys are visited in the page list's order:
+   * global pages: both cases per pair (`attend_general`); at most n_global keys;
+   * window pages (contiguous positions), in blocks from the first key any row sees:
+     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases;
+     - then the exact case from the dense copy: masked at the window's far edge, unmasked
+       in the middle (plain flash attention: most of a long window), masked on the diagonal.
+   Block boundaries are computed once per program from t0, t1 and the window's first page,
+   so the unmasked loop has no per-pair mask and no branch.
+
+Angles reach the tile's length (queries) and -(n_local + B) (keys): the rotation table must
+have `angles_needed(config, T)` rows (QueryRotation.with_angles composes rows past L).
+Positions are compared relative to the anchor in int32 (far keys clamped to -2^30, which
+keeps them outside the window and past L), so any int64 position works; 2e8 is tested.
 """
 
 from __future__ import annotations
@@ -32,128 +38,245 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
                                                  per_key, rope_halves, rotate)
 
-# Query rows per program: 128 matches the plan's default tile height, so a tile is one
-# program per head; smaller tiles (the last of a chunk) use the next power of two >= 16.
+# Query rows per program, keys per block, warps and pipeline depth: the H100 sweep in
+# bench/bench_kernels.py picks these (bench/results/bench_kernels.json).
 PREFILL_BLOCK_M = 128
-# Keys per inner block and warps: the best of the H100 sweep in bench/bench_kernels.py
-# (bench/results/bench_kernels.json); larger blocks spill registers.
-PREFILL_BLOCK_N = 32
-PREFILL_NUM_WARPS = 4
-PREFILL_NUM_STAGES = 2
-# Positions are compared relative to the tile's anchor in int32; a key farther back than
-# this is clamped to it, which keeps it outside the window and past the distance limit.
+PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 8
+PREFILL_NUM_STAGES = 3
+# Dense key/value blocks through TMA tensor descriptors instead of pointer loads.
+PREFILL_USE_TMA = False
+# Pages one program of turn_pages_kernel turns.
+TURN_PAGES = 8
+# A key farther back than this from the anchor is clamped to it (still far: outside the
+# window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
-# Pages per step of the scan that counts the capped prefix of a tile's page list.
-CAPPED_SCAN = tl.constexpr(128)
 # The last compiled launch (bench/ reads its n_regs and n_spills).
 LAST_LAUNCH = None
 
 
-@triton.jit
-def attend_block(acc, m_i, l_i, key_lo, n, kv_head, num_pages,
-                 qe1, qe2, qc1, qc2, qp, t_rel, row_ok, anchor,
-                 kv_ptr, table_ptr, block_ptr, base_ptr,
-                 stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
-                 scale_log2, n_global, n_local, trained_length,
-                 PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
-                 PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAPPED: tl.constexpr):
-    """One block of BLOCK_N keys (whole pages) into the online softmax of BLOCK_M queries.
+def angles_needed(config, tile_queries: int) -> int:
+    """Rows of the rotation table the prefill of tiles of `tile_queries` queries reads.
 
-    CAPPED: the block may hold (query, page) pairs past the distance limit; computes both
-    cases and picks per pair. Otherwise every pair is exact (the caller guarantees it).
+    Queries turn by t - t mod B - a < T + B; exact-case keys by |b_p - a| <= max(L, T + B).
     """
-    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    # ---- phase 1: which keys, where, and the Λ mask ----
-    key = key_lo + tl.arange(0, BLOCK_N)
-    page = key // PAGE_SIZE
-    offset = key % PAGE_SIZE
-    page_ok = page < num_pages
-    block = tl.load(block_ptr + n * stride_page_n + page, mask=page_ok, other=0)
-    base = tl.load(base_ptr + n * stride_page_n + page, mask=page_ok, other=-1)
-    key_ok = page_ok & (base >= 0)
-    is_global = (base + offset) < n_global
-    j_rel = (tl.maximum(base - anchor, -FAR) + offset).to(tl.int32)
-    # a block every query sees whole (all rows and keys real, causal, inside the window or
-    # global) skips the per-pair mask: most blocks of a long window
-    t_lo = tl.min(tl.where(row_ok, t_rel, FAR))
-    t_hi = tl.max(tl.where(row_ok, t_rel, -FAR))
-    j_lo = tl.min(tl.where(key_ok, j_rel, FAR))
-    j_hi = tl.max(tl.where(key_ok, j_rel, -FAR))
-    whole = ((tl.min(row_ok.to(tl.int32)) == 1) & (tl.min(key_ok.to(tl.int32)) == 1)
-             & (t_lo - j_hi >= 0)
-             & ((t_hi - j_lo < n_local) | (tl.min(is_global.to(tl.int32)) == 1)))
+    return max(config.trained_length, tile_queries + 2 * config.page_size) + 1
 
-    # ---- phase 2: keys, logits ----
-    k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
-              + offset * stride_ks)
-    k_mask = key_ok[:, None] & half_ok[None, :]
-    k1 = tl.load(k_base[:, None] + first[None, :], mask=k_mask, other=0.0)
-    k2 = tl.load(k_base[:, None] + second[None, :], mask=k_mask, other=0.0)
+
+@triton.jit
+def turn_pages_kernel(
+    kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr,
+    keys_ptr,                        # out: [N, Hkv, P * B, KEY_DIM], turned by b_p - a
+    values_ptr,                      # out: [N, Hkv, P * B, HEAD_DIM_PAD]
+    stride_kb, stride_kh, stride_ks, stride_table, stride_pos_n, stride_page_n,
+    stride_kn, stride_kkh, stride_vn, stride_vh,
+    num_queries, num_pages, max_angle,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    KEY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, PAGES: tl.constexpr,
+):
+    n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    page_lo = tl.program_id(2) * PAGES
+    t_first = tl.load(pos_ptr + n * stride_pos_n)
+    t_last = tl.load(pos_ptr + n * stride_pos_n + num_queries - 1)
+    anchor = t_first - t_first % PAGE_SIZE
+
+    page = page_lo + tl.arange(0, PAGES)
+    base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
+    angle = tl.minimum(tl.maximum(base - anchor, -max_angle), max_angle).to(tl.int32)
+    cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
+    cos = per_key(cos, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
+    sin = per_key(sin, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
+
+    key = tl.arange(0, PAGES * PAGE_SIZE)
+    key_page = page_lo + key // PAGE_SIZE
+    offset = key % PAGE_SIZE
+    key_base = tl.load(base_ptr + n * stride_page_n + key_page, mask=key_page < num_pages,
+                       other=-1)
+    block = tl.load(block_ptr + n * stride_page_n + key_page, mask=key_page < num_pages,
+                    other=0)
+    written = (key_base >= 0) & (key_base + offset <= t_last)   # else: zeros in the copy
+    stored = key_page < num_pages
+    src = kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh + offset * stride_ks
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    k_mask = written[:, None] & half_ok[None, :]
+    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
+    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
+    k1t, k2t = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
+
+    slot = page_lo * PAGE_SIZE + key
+    dst = keys_ptr + n * stride_kn + kv_head * stride_kkh + slot.to(tl.int64) * KEY_DIM
+    h = tl.arange(0, HALF_PAD)
+    tl.store(dst[:, None] + h[None, :], k1t.to(k1.dtype), mask=stored[:, None])
+    tl.store(dst[:, None] + HALF_PAD + h[None, :], k2t.to(k1.dtype), mask=stored[:, None])
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
-        kp = tl.load(k_base[:, None] + 2 * HALF + p_idx[None, :],
-                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
-        s_pass = tl.dot(qp, tl.trans(kp))
-    else:
-        s_pass = tl.zeros([qe1.shape[0], BLOCK_N], tl.float32)
-    # exact case: keys turn by b_p - a, one angle per page (clamped where unused)
-    block_page = key_lo // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-    page_base = tl.load(base_ptr + n * stride_page_n + block_page,
-                        mask=block_page < num_pages, other=-1)
-    key_angle = tl.minimum(tl.maximum(page_base - anchor, -trained_length), trained_length)
-    kcos, ksin = cos_sin(table_ptr, stride_table, key_angle, HALF, HALF_PAD)
-    kcos = per_key(kcos, PAGE_SIZE, BLOCK_N, HALF_PAD)
-    ksin = per_key(ksin, PAGE_SIZE, BLOCK_N, HALF_PAD)
-    ke1, ke2 = rotate(k1.to(tl.float32), k2.to(tl.float32), kcos, ksin)
-    s = s_pass + tl.dot(qe1, tl.trans(ke1.to(k1.dtype)))
-    s += tl.dot(qe2, tl.trans(ke2.to(k1.dtype)))
-    if CAPPED:
-        # capped case: queries turned by L - t mod B, keys as stored
-        s_capped = s_pass + tl.dot(qc1, tl.trans(k1))
-        s_capped += tl.dot(qc2, tl.trans(k2))
-        base_rel = tl.maximum(base - anchor, -FAR).to(tl.int32)
-        exact = (t_rel[:, None] - base_rel[None, :]) <= trained_length
-        s = tl.where(exact, s, s_capped)
-    if whole:
-        s = s * scale_log2
-    else:
-        dist = t_rel[:, None] - j_rel[None, :]                  # t - j
-        visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
-                   & (is_global[None, :] | (dist < n_local)))
-        s = tl.where(visible, s * scale_log2, float("-inf"))
-
-    # ---- phase 3: online softmax, accumulate values ----
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
+                     mask=written[:, None] & (p_idx < PASS)[None, :], other=0.0)
+        tl.store(dst[:, None] + 2 * HALF_PAD + p_idx[None, :], kp, mask=stored[:, None])
     d = tl.arange(0, HEAD_DIM_PAD)
-    v = tl.load(k_base[:, None] + HEAD_DIM + d[None, :],
-                mask=key_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    v = tl.load(src[:, None] + HEAD_DIM + d[None, :],
+                mask=written[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    v_dst = values_ptr + n * stride_vn + kv_head * stride_vh + slot.to(tl.int64) * HEAD_DIM_PAD
+    tl.store(v_dst[:, None] + d[None, :], v, mask=stored[:, None])
+
+
+@triton.jit
+def exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_mask,
+                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots.
+
+    USE_TMA: whole [BLOCK_N, :] rows through tensor descriptors (rows past the block's valid
+    keys are finite: zeros or a neighbour's keys, and masked by the caller).
+    """
+    if USE_TMA:
+        row = (segment_row + slot_lo).to(tl.int32)
+        k1 = keys_desc.load([row, 0])
+        k2 = keys_desc.load([row, HALF_PAD])
+    else:
+        h = tl.arange(0, HALF_PAD)
+        slot = slot_lo + tl.arange(0, BLOCK_N)
+        ptr = keys + slot.to(tl.int64)[:, None] * KEY_DIM
+        if MASKED_LOAD:
+            k1 = tl.load(ptr + h[None, :], mask=key_mask[:, None], other=0.0)
+            k2 = tl.load(ptr + HALF_PAD + h[None, :], mask=key_mask[:, None], other=0.0)
+        else:
+            k1 = tl.load(ptr + h[None, :])
+            k2 = tl.load(ptr + HALF_PAD + h[None, :])
+    s = tl.dot(qe1, tl.trans(k1))
+    s = tl.dot(qe2, tl.trans(k2), s)
+    if PASS > 0:
+        if USE_TMA:
+            kp = pass_desc.load([row, 2 * HALF_PAD])
+        else:
+            p_idx = tl.arange(0, PASS_PAD)
+            if MASKED_LOAD:
+                kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :], mask=key_mask[:, None],
+                             other=0.0)
+            else:
+                kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
+        s = tl.dot(qp, tl.trans(kp), s)
+    return s
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_mask,
+                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """Online softmax (log2 units, s already scaled and masked) and the values' product."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_TMA:
+        v = values_desc.load([(segment_row + slot_lo).to(tl.int32), 0])
+    else:
+        d = tl.arange(0, HEAD_DIM_PAD)
+        slot = slot_lo + tl.arange(0, BLOCK_N)
+        ptr = values + slot.to(tl.int64)[:, None] * HEAD_DIM_PAD + d[None, :]
+        if MASKED_LOAD:
+            v = tl.load(ptr, mask=key_mask[:, None], other=0.0)
+        else:
+            v = tl.load(ptr)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
 @triton.jit
+def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok, anchor,
+                   qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
+                   stride_kb, stride_kh, stride_ks, stride_page_n,
+                   scale_log2, n_global, n_local, trained_length,
+                   PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                   PASS: tl.constexpr, PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    """Keys j_lo .. j_lo + BLOCK_N (< j_hi) at dense slots slot_lo..: both cases per pair.
+
+    Exact pairs use the dense turned copy; capped pairs the stored keys, read from their
+    pages (slot // B is the page's index in the tile's list, slot mod B the key in it).
+    """
+    keys, values, keys_desc, pass_desc, values_desc, segment_row = dense
+    key = tl.arange(0, BLOCK_N)
+    slot = slot_lo + key
+    j = j_lo + key
+    key_ok = j < j_hi
+    s = exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True, USE_TMA)
+    block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
+    src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
+           + (slot % PAGE_SIZE) * stride_ks)
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    k_mask = key_ok[:, None] & half_ok[None, :]
+    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
+    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
+    s_capped = tl.dot(qc1, tl.trans(k1))
+    s_capped = tl.dot(qc2, tl.trans(k2), s_capped)
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
+                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+        s_capped = tl.dot(qp, tl.trans(kp), s_capped)
+    j_rel = tl.maximum(j - anchor, -FAR).to(tl.int32)
+    page_rel = tl.maximum(j - j % PAGE_SIZE - anchor, -FAR).to(tl.int32)
+    exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
+    dist = t_rel[:, None] - j_rel[None, :]
+    visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
+               & ((j < n_global)[None, :] | (dist < n_local)))
+    s = tl.where(visible, tl.where(exact, s, s_capped) * scale_log2, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_ok,
+                        HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
+
+
+@triton.jit
+def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1, qe2, qp,
+                  dense, scale_log2, n_local,
+                  HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                  KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N, all pairs exact, from the dense copy.
+
+    MASKED: the block touches the window's far edge or the diagonal (or ends past j_hi);
+    otherwise every row sees every key of the block and no mask is evaluated.
+    """
+    keys, values, keys_desc, pass_desc, values_desc, segment_row = dense
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = j < j_hi
+    s = exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED, USE_TMA)
+    if MASKED:
+        dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
+        visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < n_local)
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+    else:
+        s = s * scale_log2
+    return softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_ok,
+                        HEAD_DIM_PAD, BLOCK_N, MASKED, USE_TMA)
+
+
+@triton.jit
 def lambda_prefill_kernel(
-    # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [L + 1, rotary_dim] f32
+    # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [rows, rotary_dim] f32
     q_ptr, kv_ptr, table_ptr,
     # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P]
     rows_ptr, pos_ptr, block_ptr, base_ptr,
+    keys_ptr, values_ptr,            # turn_pages_kernel's dense copies
+    keys_desc, pass_desc, values_desc,  # the same as [N * Hkv * P * B, :] tensor descriptors
     out_ptr,                         # [N, T, H, D] float32
-    lse_ptr,                         # [N, T, H] float32: phase 0 -> phase 1 (log2 units)
     stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_table,
     stride_row_n, stride_pos_n, stride_page_n,
+    stride_kn, stride_kkh, stride_vn, stride_vh,
     stride_on, stride_ot, stride_oh,
-    stride_ln, stride_lt,
     num_queries, num_pages,
     scale_log2,                      # softmax scale * log2(e)
     n_global, n_local, trained_length,
@@ -165,25 +288,35 @@ def lambda_prefill_kernel(
     HALF_PAD: tl.constexpr,
     PASS: tl.constexpr,              # head_dim - rotary_dim
     PASS_PAD: tl.constexpr,
+    KEY_DIM: tl.constexpr,           # 2 * HALF_PAD (+ PASS_PAD): a dense key's features
     IS_NEOX: tl.constexpr,
     BLOCK_M: tl.constexpr,           # query rows per program
-    BLOCK_N: tl.constexpr,           # keys per inner block (a multiple of B)
-    PHASE: tl.constexpr,             # 0: the capped prefix of the page list; 1: the rest
+    BLOCK_N: tl.constexpr,           # keys per block
+    USE_TMA: tl.constexpr,           # dense blocks through the descriptors (else pointers)
 ):
-    n = tl.program_id(0)
+    row_block = tl.program_id(0)
     head = tl.program_id(1)
-    row_block = tl.program_id(2)
+    n = tl.program_id(2)
     kv_head = head // GROUP
+    keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
+    values = values_ptr + n * stride_vn + kv_head * stride_vh
+    # the (tile, KV head) segment's first row in the descriptors' 2-D view
+    segment_row = (n * (tl.num_programs(1) // GROUP) + kv_head) * (num_pages * PAGE_SIZE)
+    dense = (keys, values, keys_desc, pass_desc, values_desc, segment_row)
 
-    # ---- the tile's queries and their two rotations ----
+    # ---- the rows' queries and their two turns ----
     m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = m < num_queries
-    t_first = tl.load(pos_ptr + n * stride_pos_n + row_block * BLOCK_M)
-    t = tl.load(pos_ptr + n * stride_pos_n + m, mask=row_ok, other=t_first)
+    pos = pos_ptr + n * stride_pos_n
+    tile_first = tl.load(pos)
+    tile_last = tl.load(pos + num_queries - 1)
+    anchor = tile_first - tile_first % PAGE_SIZE
+    t0 = tl.load(pos + row_block * BLOCK_M)
+    t1 = tl.load(pos + tl.minimum(row_block * BLOCK_M + BLOCK_M, num_queries) - 1)
+    t = tl.load(pos + m, mask=row_ok, other=t1)
     q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
-    anchor = t_first - t_first % PAGE_SIZE
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
-    t_rel = (t - anchor).to(tl.int32)                       # in [0, BLOCK_M + B)
+    t_rel = (t - anchor).to(tl.int32)                     # in [0, T + B)
 
     first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
     q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
@@ -194,9 +327,10 @@ def lambda_prefill_kernel(
     q1 = q1.to(tl.float32)
     q2 = q2.to(tl.float32)
     cos, sin = cos_sin(table_ptr, stride_table, t_rel - t_in_page, HALF, HALF_PAD)
-    qe1, qe2 = rotate(q1, q2, cos, sin)                     # exact case
-    qe1 = qe1.to(dtype)
-    qe2 = qe2.to(dtype)
+    qe1, qe2 = rotate(q1, q2, cos, sin)                   # exact case
+    cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
+    qc1, qc2 = rotate(q1, q2, cos, sin)                   # capped case
+    qe1, qe2, qc1, qc2 = qe1.to(dtype), qe2.to(dtype), qc1.to(dtype), qc2.to(dtype)
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
         qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
@@ -204,73 +338,117 @@ def lambda_prefill_kernel(
     else:
         qp = qe1  # unused
 
-    # ---- where the work lies in the tile's page list (global pages, then window pages in
-    # order, padding last): the pages some query sees past L form a prefix, and pages
-    # past the last query are never visible ----
-    t_last_rel = tl.max(tl.where(row_ok, t_rel, 0))
-    num_capped = 0
-    num_useful = 0
-    for page_lo in range(0, num_pages, CAPPED_SCAN):
-        page = page_lo + tl.arange(0, CAPPED_SCAN)
-        base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
-        base_rel = tl.maximum(base - anchor, -FAR)
-        far = (base >= 0) & (t_last_rel - base_rel > trained_length)
-        num_capped += tl.sum(far.to(tl.int32))
-        num_useful += tl.sum(((base >= 0) & (base_rel <= t_last_rel)).to(tl.int32))
-    capped_end = tl.cdiv(num_capped * PAGE_SIZE, BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # ---- the global pages: the first num_global pages of the list, slots = positions ----
+    global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
+    for j_lo in range(0, global_keys, BLOCK_N):
+        acc, m_i, l_i = attend_general(
+            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, row_ok, anchor,
+            qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
+            stride_kb, stride_kh, stride_ks, stride_page_n,
+            scale_log2, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX, BLOCK_N,
+            USE_TMA)
+
+    # ---- the window pages: contiguous positions from the list's first window page, at
+    # slot global_keys. Blocks start at the first key some row sees; block boundaries:
+    # [0, k_capped) both cases | [.., k_edge) masked | [.., k_inner) unmasked | [.., end) masked
+    global_pages = global_keys // PAGE_SIZE
+    first_window = tl.load(base_ptr + n * stride_page_n + global_pages,
+                           mask=global_pages < num_pages, other=-1)
+    window_base = tl.where(first_window >= 0, first_window, global_keys)
+    j_start = tl.maximum(window_base, t0 - n_local + 1)
+    j_end = t1 + 1
+    num_blocks = tl.cdiv(tl.maximum(j_end - j_start, 0), BLOCK_N)
+    # pages with base < t1 - L can be past the distance limit for some row
+    capped_end = tl.where(t1 > trained_length,
+                          tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE, 0)
+    k_capped = tl.minimum(tl.cdiv(tl.maximum(capped_end - j_start, 0), BLOCK_N), num_blocks)
+    # keys j <= t1 - n_local are outside some row's window
+    k_edge = tl.minimum(tl.maximum(
+        tl.cdiv(tl.maximum(t1 - n_local + 1 - j_start, 0), BLOCK_N), k_capped), num_blocks)
+    # blocks whose last key is <= t0 are causal for every row
+    k_inner = tl.minimum(tl.maximum(tl.maximum(t0 + 1 - j_start, 0) // BLOCK_N, k_edge),
+                         num_blocks)
+    slot_start = global_keys + (j_start - window_base)
+    for k in range(0, k_capped):
+        acc, m_i, l_i = attend_general(
+            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, n, kv_head,
+            t_rel, row_ok, anchor, qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
+            stride_kb, stride_kh, stride_ks, stride_page_n,
+            scale_log2, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX, BLOCK_N,
+            USE_TMA)
+    for k in range(k_capped, k_edge):
+        acc, m_i, l_i = attend_window(
+            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, t_rel,
+            row_ok, anchor, qe1, qe2, qp, dense, scale_log2, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
+    for k in range(k_edge, k_inner):
+        acc, m_i, l_i = attend_window(
+            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, t_rel,
+            row_ok, anchor, qe1, qe2, qp, dense, scale_log2, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False, USE_TMA)
+    for k in range(k_inner, num_blocks):
+        acc, m_i, l_i = attend_window(
+            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, t_rel,
+            row_ok, anchor, qe1, qe2, qp, dense, scale_log2, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
 
     d = tl.arange(0, HEAD_DIM_PAD)
-    row_d_ok = row_ok[:, None] & (d < HEAD_DIM)[None, :]
-    out_base = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh
-    lse_base = lse_ptr + n * stride_ln + m * stride_lt + head
-    if PHASE == 0:
-        # the capped prefix: both cases, picked per pair
-        cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
-        qc1, qc2 = rotate(q1, q2, cos, sin)
-        qc1 = qc1.to(dtype)
-        qc2 = qc2.to(dtype)
-        m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-        for key_lo in range(0, capped_end, BLOCK_N):
-            acc, m_i, l_i = attend_block(
-                acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qc1, qc2, qp, t_rel,
-                row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
-                stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
-                scale_log2, n_global, n_local, trained_length,
-                PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
-                BLOCK_N, True)
-        empty = l_i == 0.0
-        tl.store(out_base + d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
-                 mask=row_d_ok)
-        tl.store(lse_base, tl.where(empty, NEG_BIG, m_i + tl.log2(tl.where(empty, 1.0, l_i))),
-                 mask=row_ok)
-    else:
-        # the exact rest, continuing from phase 0's (normalised output, log2-sum-exp):
-        # (m, l, acc) = (lse, 1, out) is the same partial softmax
-        m_i = tl.load(lse_base, mask=row_ok, other=NEG_BIG)
-        l_i = tl.where(m_i > NEG_BIG, 1.0, 0.0)
-        acc = tl.load(out_base + d[None, :], mask=row_d_ok, other=0.0)
-        useful_end = tl.minimum(num_useful * PAGE_SIZE, num_pages * PAGE_SIZE)
-        for key_lo in range(capped_end, useful_end, BLOCK_N):
-            acc, m_i, l_i = attend_block(
-                acc, m_i, l_i, key_lo, n, kv_head, num_pages, qe1, qe2, qe1, qe2, qp, t_rel,
-                row_ok, anchor, kv_ptr, table_ptr, block_ptr, base_ptr,
-                stride_kb, stride_kh, stride_ks, stride_table, stride_page_n,
-                scale_log2, n_global, n_local, trained_length,
-                PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX,
-                BLOCK_N, False)
-        tl.store(out_base + d[None, :], acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None],
-                 mask=row_d_ok)
+    out = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh + d[None, :]
+    tl.store(out, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None],
+             mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+def _shapes(head_dim: int, rotation) -> dict:
+    """Feature-axis constexprs: the rotation pairs' halves, the passthrough, the key width."""
+    half = rotation.rotary_dim // 2
+    passthrough = head_dim - rotation.rotary_dim
+    shapes = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16), HALF=half,
+                  HALF_PAD=_pow2(half, 16), PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
+                  IS_NEOX=bool(rotation.is_neox_style))
+    shapes["KEY_DIM"] = 2 * shapes["HALF_PAD"] + (shapes["PASS_PAD"] if passthrough else 0)
+    return shapes
+
+
+def turn_pages(group, kv_cache: torch.Tensor, rotation):
+    """Dense copies of each tile's pages: keys turned by b_p - a, and values.
+
+    Returns keys [N, Hkv, P * B, KEY_DIM] and values [N, Hkv, P * B, HEAD_DIM_PAD] in the
+    cache's dtype; slots not written yet (and padding pages) are zeros.
+    """
+    num_tiles, num_queries = group.query_rows.shape
+    num_pages = group.page_block.shape[1]
+    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[2]
+    shapes = _shapes(kv_cache.shape[3] // 2, rotation)
+    slots = num_pages * page_size
+    keys = torch.empty(num_tiles, num_kv_heads, slots, shapes["KEY_DIM"],
+                       device=kv_cache.device, dtype=kv_cache.dtype)
+    values = torch.empty(num_tiles, num_kv_heads, slots, shapes["HEAD_DIM_PAD"],
+                         device=kv_cache.device, dtype=kv_cache.dtype)
+    table = rotation.cos_sin
+    turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(num_pages, TURN_PAGES))](
+        kv_cache, table, group.query_position, group.page_block, group.page_base, keys, values,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), table.stride(0),
+        group.query_position.stride(0), group.page_block.stride(0),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        num_queries, num_pages, table.shape[0] - 1,
+        PAGE_SIZE=page_size, PAGES=TURN_PAGES, **shapes)
+    return keys, values
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
                  scale: float, block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
-                 num_warps: int = PREFILL_NUM_WARPS,
-                 num_stages: int = PREFILL_NUM_STAGES) -> torch.Tensor:
+                 num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
+                 use_tma: bool = PREFILL_USE_TMA) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
+    rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
     """
     check_inputs(group, query, kv_cache, rotation, decode=False)
     config = plan.config
@@ -279,47 +457,47 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         raise ValueError(f"lminf triton_prefill: kv_cache page size {page_size} != "
                          f"config.page_size {config.page_size}")
     num_tiles, num_queries = group.query_rows.shape
+    needed = angles_needed(config, num_queries)
+    if rotation.cos_sin.shape[0] < needed:
+        raise ValueError(f"lminf triton_prefill: tiles of {num_queries} queries need a "
+                         f"rotation table of {needed} rows, got {rotation.cos_sin.shape[0]}; "
+                         f"build it with QueryRotation.with_angles({needed})")
     num_pages = group.page_block.shape[1]
     num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = kv_cache.shape[1]
-    block_m = min(block_m, _pow2(num_queries, 16))
-    # the exact case turns queries by up to BLOCK_M + B - 1: that must be a table row
-    while block_m > 16 and block_m + page_size - 1 > config.trained_length:
-        block_m //= 2
-    if block_m + page_size - 1 > config.trained_length:
-        raise ValueError(f"lminf triton_prefill: trained_length {config.trained_length} is "
-                         f"too short for pages of {page_size} (needs >= {16 + page_size - 1})")
-    block_n = max(page_size, block_n - block_n % page_size)
     out = torch.empty(num_tiles, num_queries, num_heads, head_dim, device=query.device,
                       dtype=torch.float32)
     if num_tiles == 0 or num_queries == 0:
         return out
-    half = rotation.rotary_dim // 2
-    passthrough = head_dim - rotation.rotary_dim
-    lse = torch.empty(num_tiles, num_queries, num_heads, device=query.device,
-                      dtype=torch.float32)
-    grid = (num_tiles, num_heads, -(-num_queries // block_m))
+    block_m = min(block_m, _pow2(num_queries, 16))
+    shapes = _shapes(head_dim, rotation)
+    keys, values = turn_pages(group, kv_cache, rotation)
+    table = rotation.cos_sin
+    descriptors = (None, None, None)
+    if use_tma:
+        rows = lambda x, width: TensorDescriptor.from_tensor(  # noqa: E731
+            x.view(-1, x.shape[-1]), [block_n, width])
+        descriptors = (rows(keys, shapes["HALF_PAD"]),
+                       rows(keys, shapes["PASS_PAD"]) if shapes["PASS"] else None,
+                       rows(values, shapes["HEAD_DIM_PAD"]))
     global LAST_LAUNCH
-    for phase in (0, 1):  # stream-ordered: phase 1 reads what phase 0 wrote
-        LAST_LAUNCH = lambda_prefill_kernel[grid](
-            query, kv_cache, rotation.cos_sin,
-            group.query_rows, group.query_position, group.page_block, group.page_base,
-            out, lse,
-            query.stride(0), query.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-            rotation.cos_sin.stride(0),
-            group.query_rows.stride(0), group.query_position.stride(0),
-            group.page_block.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            num_queries, num_pages,
-            scale * LOG2E,
-            config.n_global, config.n_local, config.trained_length,
-            PAGE_SIZE=page_size, GROUP=num_heads // num_kv_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16),
-            HALF=half, HALF_PAD=_pow2(half, 16),
-            PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
-            IS_NEOX=bool(rotation.is_neox_style), BLOCK_M=block_m, BLOCK_N=block_n,
-            PHASE=phase, num_warps=num_warps, num_stages=num_stages,
-        )
+    LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
+                                         num_tiles)](
+        query, kv_cache, table,
+        group.query_rows, group.query_position, group.page_block, group.page_base,
+        keys, values, *descriptors, out,
+        query.stride(0), query.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        table.stride(0),
+        group.query_rows.stride(0), group.query_position.stride(0),
+        group.page_block.stride(0),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_queries, num_pages,
+        scale * LOG2E,
+        config.n_global, config.n_local, config.trained_length,
+        PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=num_warps,
+        num_stages=num_stages,
+        **shapes,
+    )
     return out

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from lminf_vllm.attention import TileGroup, build_plan, reference, triton_decode, triton_prefill
+from lminf_vllm.attention import (TileGroup, build_plan, plan_tile_queries, reference,
+                                  rotation_for, triton_decode, triton_prefill)
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.config import LMInfConfig
 
@@ -45,7 +46,11 @@ def rope_table(rotary_dim, trained_length, device):
 
 def make_case(page_size, head_dim, gqa, dtype, n_global, n_local, requests, seed=0,
               trained_length=TRAINED_LENGTH):
-    """A random ring cache (each request owns G + R blocks, shuffled) and the plan."""
+    """A random ring cache (each request owns G + R blocks, shuffled) and two plans of it.
+
+    plans: {"tile128": the CPU path's tiles, "chunk": one tile per request chunk (the plan
+    the backend builds on CUDA)}; the kernels must give the same rows from both.
+    """
     device = "cuda"
     g = torch.Generator().manual_seed(seed)
     config = LMInfConfig(n_global=n_global, n_local=n_local, trained_length=trained_length,
@@ -57,28 +62,34 @@ def make_case(page_size, head_dim, gqa, dtype, n_global, n_local, requests, seed
     width = config.num_pinned_pages + config.num_ring_pages
     num_blocks = len(requests) * width + 7
     table = torch.randperm(num_blocks, generator=g)[: len(requests) * width].view(-1, width)
-    plan = build_plan(config, query_start_loc, seq_lens, table.to(device),
-                      num_ring_pages=config.num_ring_pages)
+    plans = {name: build_plan(config, query_start_loc, seq_lens, table.to(device),
+                              num_ring_pages=config.num_ring_pages, tile_queries=tile)
+             for name, tile in (("tile128", 128),
+                                ("chunk", plan_tile_queries(config, device)))}
     kv_heads = NUM_HEADS // gqa
     kv_cache = torch.randn(num_blocks, kv_heads, page_size, 2 * head_dim, generator=g
                            ).to(device=device, dtype=dtype)
     query = torch.randn(int(query_start_loc[-1]), NUM_HEADS, head_dim, generator=g
                         ).to(device=device, dtype=dtype)
-    return plan, query, kv_cache, rope_table(head_dim, trained_length, device)
+    rotation = rotation_for(rope_table(head_dim, trained_length, device), config, device)
+    return plans, query, kv_cache, rotation
 
 
-def reference_sliced(plan, group, query, kv_cache, rotation, scale):
-    """reference.attend_group over a few tiles at a time (its [N,T,P,H,D] tensor is large)."""
-    parts = []
-    for i in range(0, group.query_rows.shape[0], REFERENCE_TILES_PER_SLICE):
-        part = TileGroup(*(x[i:i + REFERENCE_TILES_PER_SLICE] for x in
-                           (group.query_rows, group.query_position, group.page_block,
-                            group.page_base)))
-        parts.append(reference.attend_group(plan, part, query, kv_cache, rotation, scale))
-    return torch.cat(parts)
+def reference_rows(plan, query, kv_cache, rotation, scale):
+    """[T_all, H, D] float32 by reference.attend_group, a few tiles at a time (its
+    [N, T, P, H, D] temporaries are large)."""
+    out = torch.empty(query.shape, device=query.device, dtype=torch.float32)
+    for group in plan.groups:
+        for i in range(0, group.query_rows.shape[0], REFERENCE_TILES_PER_SLICE):
+            part = TileGroup(*(x[i:i + REFERENCE_TILES_PER_SLICE] for x in
+                               (group.query_rows, group.query_position, group.page_block,
+                                group.page_base)))
+            out[part.query_rows] = reference.attend_group(plan, part, query, kv_cache,
+                                                          rotation, scale)
+    return out
 
 
-def check(out, ref, group, dtype, what, record):
+def check(out, ref, what, record, dtype):
     assert torch.isfinite(out).all(), f"{what}: non-finite output"
     err = ((out - ref).norm() / ref.norm()).item()
     max_abs = (out - ref).abs().max().item()
@@ -87,25 +98,32 @@ def check(out, ref, group, dtype, what, record):
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-    if not err <= TOLERANCE[dtype]:
+    if not err <= record["tolerance"]:
         bad = (out - ref).abs().amax(dim=-1)
-        tile, row, head = np.unravel_index(int(bad.argmax()), tuple(bad.shape))
-        raise AssertionError(
-            f"{what}: rel err {err:.2e} > {TOLERANCE[dtype]:.1e} ({record}); worst at tile "
-            f"{tile} position {int(group.query_position[tile, row])} head {head}")
+        row, head = np.unravel_index(int(bad.argmax()), tuple(bad.shape))
+        raise AssertionError(f"{what}: rel err {err:.2e} > {record['tolerance']:.1e} "
+                             f"({record}); worst at query row {row} head {head}")
 
 
-def run_all(plan, query, kv_cache, rotation, dtype, record):
+def run_all(plans, query, kv_cache, rotation, record):
+    """Every kernel on every plan against the reference, row by row."""
     scale = query.shape[-1] ** -0.5
-    for group in plan.groups:
-        ref = reference_sliced(plan, group, query, kv_cache, rotation, scale)
-        t = group.query_rows.shape[1]
-        if t == 1:
-            out = triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale)
-            check(out, ref, group, dtype, "decode", dict(record, tiles=group.query_rows.shape[0]))
-        out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale)
-        check(out, ref, group, dtype, "prefill",
-              dict(record, tile_queries=t, tiles=group.query_rows.shape[0]))
+    ref = reference_rows(plans["tile128"], query, kv_cache, rotation, scale)
+    for name, plan in plans.items():
+        for group in plan.groups:
+            if group.query_rows.shape[1] == 1:
+                dec = triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale)
+                rows = group.query_rows.flatten()
+                check(dec[:, 0], ref[rows], "decode", dict(record, plan=name, tiles=len(rows)),
+                      query.dtype)
+        tiles = {int(g.query_rows.shape[1]): int(g.query_rows.shape[0]) for g in plan.groups}
+        for use_tma in (False, True):
+            out = torch.full(query.shape, float("nan"), device=query.device)
+            for group in plan.groups:
+                out[group.query_rows] = triton_prefill.attend_group(
+                    plan, group, query, kv_cache, rotation, scale, use_tma=use_tma)
+            check(out, ref, "prefill", dict(record, plan=name, tiles=tiles, use_tma=use_tma),
+                  query.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -120,10 +138,10 @@ def test_sweep(page_size, head_dim, gqa, dtype):
                         (1, 1_000_003), (1, 199_999_999), (1, 200_000_000),
                         (2, 2), (b + 1, b + 1), (37, 1000), (129, 1_000_000),
                         (300, 200_000_000), (77, n_local + 50)]
-            plan, query, kv_cache, rotation = make_case(page_size, head_dim, gqa, dtype,
-                                                        n_global, n_local, requests,
-                                                        seed=n_global + n_local)
-            run_all(plan, query, kv_cache, rotation, dtype,
+            plans, query, kv_cache, rotation = make_case(page_size, head_dim, gqa, dtype,
+                                                         n_global, n_local, requests,
+                                                         seed=n_global + n_local)
+            run_all(plans, query, kv_cache, rotation,
                     dict(B=page_size, head_dim=head_dim, gqa=gqa, dtype=str(dtype),
                          n_global=n_global, n_local=n_local))
 
@@ -132,8 +150,8 @@ def test_sweep(page_size, head_dim, gqa, dtype):
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_chunk_4096(page_size, dtype):
     requests = [(4096, 4096), (4096, 200_000_000), (1, 200_000_000)]
-    plan, query, kv_cache, rotation = make_case(page_size, 128, 4, dtype, 64, 4096, requests)
-    run_all(plan, query, kv_cache, rotation, dtype,
+    plans, query, kv_cache, rotation = make_case(page_size, 128, 4, dtype, 64, 4096, requests)
+    run_all(plans, query, kv_cache, rotation,
             dict(B=page_size, head_dim=128, gqa=4, dtype=str(dtype), n_global=64,
                  n_local=4096, chunk=4096))
 
@@ -142,7 +160,8 @@ def test_dispatch_uses_kernels_on_cuda():
     """attention.run on CUDA equals the reference path run on the same tensors."""
     from lminf_vllm.attention import run
     requests = [(1, 5000), (200, 9000), (1, 17)]
-    plan, query, kv_cache, rotation = make_case(16, 64, 4, torch.bfloat16, 64, 256, requests)
+    plans, query, kv_cache, rotation = make_case(16, 64, 4, torch.bfloat16, 64, 256, requests)
+    plan = plans["chunk"]
     out = torch.full_like(query, float("nan"))
     run(plan, query, kv_cache, out, rotation, 0.125)
     ref = torch.empty_like(query)

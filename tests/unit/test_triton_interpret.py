@@ -66,9 +66,21 @@ def _setup(case, seed=0):
                       num_ring_pages=config.num_ring_pages, tile_queries=case.get("tile", 32))
     dtype, d = case["dtype"], case["D"]
     kv_cache = torch.randn(num_blocks, case["Hkv"], case["B"], 2 * d, generator=g).to(dtype)
+    # slots no request has written yet (past its last position) hold NaN: a kernel must
+    # never let them reach the output, not even as 0 * NaN
+    owner = torch.full((num_blocks,), -1, dtype=torch.long)
+    owner[block_table] = torch.arange(len(seq_lens)).repeat_interleave(width)
+    for grp in plan.groups:
+        for block, base in zip(grp.page_block.flatten().tolist(),
+                               grp.page_base.flatten().tolist()):
+            if base >= 0:
+                unwritten = base + np.arange(case["B"]) >= seq_lens[owner[block]]
+                kv_cache[block, :, torch.from_numpy(unwritten)] = float("nan")
     query = torch.randn(int(query_start_loc[-1]), case["H"], d, generator=g).to(dtype)
     rotation = _rotation(case.get("rotary_dim", d), case["L"], case.get("neox", True))
-    return plan, query, kv_cache, rotation
+    needed = max(triton_prefill.angles_needed(config, g.query_rows.shape[1])
+                 for g in plan.groups)
+    return plan, query, kv_cache, rotation.with_angles(needed)
 
 
 def _assert_matches(out, ref, group, dtype, what):
@@ -98,6 +110,15 @@ CASES = {
                           dtype=torch.float16,
                           requests=[(1, 200_000_000), (1, 199_999_969), (48, 200_000_000),
                                     (1, 33), (20, 150)]),
+    # one tile per request chunk (the GPU plan): tiles longer than L (angles composed past
+    # the table), several row blocks per tile, n_local = L (the oldest window pages mix
+    # exact and capped pairs), partial rotary (passthrough features), first chunk + mid-stream
+    "whole_chunks_fp32": dict(B=8, L=64, n_global=12, n_local=64, D=32, rotary_dim=16, H=4,
+                              Hkv=2, dtype=torch.float32, tile=200,
+                              requests=[(150, 150), (200, 1000), (37, 5037), (1, 700)]),
+    "whole_chunks_fp16": dict(B=16, L=128, n_global=64, n_local=113, D=64, H=2, Hkv=1,
+                              dtype=torch.float16, tile=300,
+                              requests=[(300, 2_000_000), (300, 300), (5, 70)]),
 }
 
 
@@ -108,9 +129,11 @@ def test_kernels_match_reference(name):
     scale = case["D"] ** -0.5
     for group in plan.groups:
         ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
-        out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
-                                          block_n=32)
-        _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel")
+        for use_tma in (False, True):
+            out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
+                                              block_m=32, block_n=16, use_tma=use_tma)
+            _assert_matches(out, ref, group, case["dtype"],
+                            f"{name} prefill kernel (use_tma={use_tma})")
         if group.query_rows.shape[1] == 1:
             for splits in (1, 3):
                 out = triton_decode.attend_group(plan, group, query, kv_cache, rotation,
@@ -157,6 +180,9 @@ def test_launchers_reject_bad_inputs():
     prefill_group = next(g for g in plan.groups if g.query_rows.shape[1] > 1)
     with pytest.raises(ValueError, match="one query per tile"):
         triton_decode.attend_group(plan, prefill_group, query, kv_cache, rotation, 1.0)
+    short = QueryRotation(rotation.cos_sin[:10], rotation.rotary_dim, True)
+    with pytest.raises(ValueError, match="with_angles"):
+        triton_prefill.attend_group(plan, prefill_group, query, kv_cache, short, 1.0)
 
 
 if not INTERPRETED:
