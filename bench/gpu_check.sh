@@ -27,7 +27,7 @@ fi
 
 if has tests; then
   echo "== tests/gpu ==" | tee -a "$LOG"
-  LMINF_GPU_RESULTS="$OUT/gpu_correctness.jsonl" timeout 300 \
+  LMINF_GPU_RESULTS="$OUT/gpu_correctness.jsonl" timeout "${TESTS_TIMEOUT:-300}" \
     python3 -m pytest -q -n 8 -p no:cacheprovider tests/gpu 2>&1 | tail -40 | tee -a "$LOG"
 fi
 if has bench; then
@@ -36,7 +36,7 @@ if has bench; then
 fi
 if has xformers; then
   echo "== bench_xformers_prefill ==" | tee -a "$LOG"
-  ARGS=$(python3 -c "import json; b=json.load(open('$OUT/bench_kernels.json'))['prefill_best']; print(json.dumps({k: b[k] for k in ('block_m','block_n','num_warps','num_stages','use_tma')}))" 2>/dev/null || echo '{}')
+  ARGS=$(python3 -c "import json; b=json.load(open('$OUT/bench_kernels.json'))['prefill_best']; print(json.dumps({k: b[k] for k in ('block_m','block_n','num_warps','num_stages','use_tma','warp_specialize','general_block_n')}))" 2>/dev/null || echo '{}')
   timeout 120 python3 bench/bench_xformers_prefill.py --out "$OUT/bench_xformers.json" \
     --prefill-args "$ARGS" 2>&1 | tail -30 | tee -a "$LOG"
 fi

@@ -51,6 +51,11 @@ PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 3
 # Dense key/value blocks through TMA tensor descriptors instead of pointer loads.
 PREFILL_USE_TMA = False
+# Triton's automatic warp specialisation of the unmasked (main) loop.
+PREFILL_WARP_SPECIALIZE = False
+# Keys per block where both cases are computed (global pages, the window's oldest pages):
+# two logit blocks live at once there, so smaller blocks keep the register peak down.
+PREFILL_GENERAL_BLOCK_N = 32
 # Pages one program of turn_pages_kernel turns.
 TURN_PAGES = 8
 # A key farther back than this from the anchor is clamped to it (still far: outside the
@@ -171,7 +176,7 @@ def exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo,
 def softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_mask,
                  HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr,
                  USE_TMA: tl.constexpr):
-    """Online softmax (log2 units, s already scaled and masked) and the values' product."""
+    """Online softmax (s: logits in log2 units, masked) and the values' product."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -194,15 +199,16 @@ def softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, ke
 def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok, anchor,
                    qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
                    stride_kb, stride_kh, stride_ks, stride_page_n,
-                   scale_log2, n_global, n_local, trained_length,
+                   n_global, n_local, trained_length,
                    PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                    PASS: tl.constexpr, PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
-                   HEAD_DIM_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
-                   USE_TMA: tl.constexpr):
+                   HEAD_DIM_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys j_lo .. j_lo + BLOCK_N (< j_hi) at dense slots slot_lo..: both cases per pair.
 
     Exact pairs use the dense turned copy; capped pairs the stored keys, read from their
     pages (slot // B is the page's index in the tile's list, slot mod B the key in it).
+    Few blocks per program take this path; they use pointer loads (the descriptors are
+    shaped for the exact loops' blocks).
     """
     keys, values, keys_desc, pass_desc, values_desc, segment_row = dense
     key = tl.arange(0, BLOCK_N)
@@ -210,7 +216,7 @@ def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok
     j = j_lo + key
     key_ok = j < j_hi
     s = exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_ok,
-                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True, USE_TMA)
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True, False)
     block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
     src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
            + (slot % PAGE_SIZE) * stride_ks)
@@ -231,14 +237,14 @@ def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok
     dist = t_rel[:, None] - j_rel[None, :]
     visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
                & ((j < n_global)[None, :] | (dist < n_local)))
-    s = tl.where(visible, tl.where(exact, s, s_capped) * scale_log2, float("-inf"))
+    s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_ok,
-                        HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
+                        HEAD_DIM_PAD, BLOCK_N, True, False)
 
 
 @triton.jit
 def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1, qe2, qp,
-                  dense, scale_log2, n_local,
+                  dense, n_local,
                   HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                   KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, USE_TMA: tl.constexpr):
@@ -255,9 +261,7 @@ def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1
     if MASKED:
         dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
         visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < n_local)
-        s = tl.where(visible, s * scale_log2, float("-inf"))
-    else:
-        s = s * scale_log2
+        s = tl.where(visible, s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_ok,
                         HEAD_DIM_PAD, BLOCK_N, MASKED, USE_TMA)
 
@@ -291,8 +295,10 @@ def lambda_prefill_kernel(
     KEY_DIM: tl.constexpr,           # 2 * HALF_PAD (+ PASS_PAD): a dense key's features
     IS_NEOX: tl.constexpr,
     BLOCK_M: tl.constexpr,           # query rows per program
-    BLOCK_N: tl.constexpr,           # keys per block
+    BLOCK_N: tl.constexpr,           # keys per block of the exact loops
+    GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
     USE_TMA: tl.constexpr,           # dense blocks through the descriptors (else pointers)
+    WARP_SPECIALIZE: tl.constexpr,   # Triton's warp specialisation of the unmasked loop
 ):
     row_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -326,6 +332,9 @@ def lambda_prefill_kernel(
     dtype = q1.dtype
     q1 = q1.to(tl.float32)
     q2 = q2.to(tl.float32)
+    # the softmax scale (in log2 units) rides on the queries: no multiply per logit
+    q1 = q1 * scale_log2
+    q2 = q2 * scale_log2
     cos, sin = cos_sin(table_ptr, stride_table, t_rel - t_in_page, HALF, HALF_PAD)
     qe1, qe2 = rotate(q1, q2, cos, sin)                   # exact case
     cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
@@ -335,6 +344,7 @@ def lambda_prefill_kernel(
         p_idx = tl.arange(0, PASS_PAD)
         qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
                      mask=row_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+        qp = (qp.to(tl.float32) * scale_log2).to(dtype)
     else:
         qp = qe1  # unused
 
@@ -344,58 +354,55 @@ def lambda_prefill_kernel(
 
     # ---- the global pages: the first num_global pages of the list, slots = positions ----
     global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
-    for j_lo in range(0, global_keys, BLOCK_N):
+    for j_lo in tl.range(0, global_keys, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
             acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, row_ok, anchor,
             qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
-            stride_kb, stride_kh, stride_ks, stride_page_n,
-            scale_log2, n_global, n_local, trained_length,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX, BLOCK_N,
-            USE_TMA)
+            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
+            GENERAL_BLOCK_N)
 
     # ---- the window pages: contiguous positions from the list's first window page, at
-    # slot global_keys. Blocks start at the first key some row sees; block boundaries:
-    # [0, k_capped) both cases | [.., k_edge) masked | [.., k_inner) unmasked | [.., end) masked
+    # slot global_keys; keys from the first one some row sees (j_start) to t1 ----
     global_pages = global_keys // PAGE_SIZE
     first_window = tl.load(base_ptr + n * stride_page_n + global_pages,
                            mask=global_pages < num_pages, other=-1)
     window_base = tl.where(first_window >= 0, first_window, global_keys)
     j_start = tl.maximum(window_base, t0 - n_local + 1)
     j_end = t1 + 1
-    num_blocks = tl.cdiv(tl.maximum(j_end - j_start, 0), BLOCK_N)
-    # pages with base < t1 - L can be past the distance limit for some row
-    capped_end = tl.where(t1 > trained_length,
-                          tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE, 0)
-    k_capped = tl.minimum(tl.cdiv(tl.maximum(capped_end - j_start, 0), BLOCK_N), num_blocks)
-    # keys j <= t1 - n_local are outside some row's window
-    k_edge = tl.minimum(tl.maximum(
-        tl.cdiv(tl.maximum(t1 - n_local + 1 - j_start, 0), BLOCK_N), k_capped), num_blocks)
-    # blocks whose last key is <= t0 are causal for every row
-    k_inner = tl.minimum(tl.maximum(tl.maximum(t0 + 1 - j_start, 0) // BLOCK_N, k_edge),
-                         num_blocks)
-    slot_start = global_keys + (j_start - window_base)
-    for k in range(0, k_capped):
+    # pages with base < t1 - L can be past the distance limit for some row: both cases
+    capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
+    j_exact = tl.minimum(j_start + tl.cdiv(tl.maximum(capped_end - j_start, 0),
+                                           GENERAL_BLOCK_N) * GENERAL_BLOCK_N, j_end)
+    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, n, kv_head,
+            acc, m_i, l_i, global_keys + (j_lo - window_base), j_lo, j_end, n, kv_head,
             t_rel, row_ok, anchor, qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
-            stride_kb, stride_kh, stride_ks, stride_page_n,
-            scale_log2, n_global, n_local, trained_length,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX, BLOCK_N,
-            USE_TMA)
-    for k in range(k_capped, k_edge):
+            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
+            GENERAL_BLOCK_N)
+    # the rest is exact, in blocks from j_exact: [0, k_edge) masked (keys <= t1 - n_local are
+    # outside some row's window) | [k_edge, k_inner) unmasked (the block's last key <= t0)
+    # | [k_inner, num_blocks) masked (the diagonal)
+    num_blocks = tl.cdiv(tl.maximum(j_end - j_exact, 0), BLOCK_N)
+    k_edge = tl.minimum(tl.cdiv(tl.maximum(t1 - n_local + 1 - j_exact, 0), BLOCK_N), num_blocks)
+    k_inner = tl.minimum(tl.maximum(tl.maximum(t0 + 1 - j_exact, 0) // BLOCK_N, k_edge),
+                         num_blocks)
+    slot_exact = global_keys + (j_exact - window_base)
+    for k in tl.range(0, k_edge, num_stages=1):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, t_rel,
-            row_ok, anchor, qe1, qe2, qp, dense, scale_log2, n_local,
+            acc, m_i, l_i, slot_exact + k * BLOCK_N, j_exact + k * BLOCK_N, j_end, t_rel,
+            row_ok, anchor, qe1, qe2, qp, dense, n_local,
             HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
-    for k in range(k_edge, k_inner):
+    for k in tl.range(k_edge, k_inner, warp_specialize=WARP_SPECIALIZE):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, t_rel,
-            row_ok, anchor, qe1, qe2, qp, dense, scale_log2, n_local,
+            acc, m_i, l_i, slot_exact + k * BLOCK_N, j_exact + k * BLOCK_N, j_end, t_rel,
+            row_ok, anchor, qe1, qe2, qp, dense, n_local,
             HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False, USE_TMA)
-    for k in range(k_inner, num_blocks):
+    for k in tl.range(k_inner, num_blocks, num_stages=1):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_start + k * BLOCK_N, j_start + k * BLOCK_N, j_end, t_rel,
-            row_ok, anchor, qe1, qe2, qp, dense, scale_log2, n_local,
+            acc, m_i, l_i, slot_exact + k * BLOCK_N, j_exact + k * BLOCK_N, j_end, t_rel,
+            row_ok, anchor, qe1, qe2, qp, dense, n_local,
             HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
 
     d = tl.arange(0, HEAD_DIM_PAD)
@@ -444,7 +451,9 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
                  scale: float, block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
                  num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
-                 use_tma: bool = PREFILL_USE_TMA) -> torch.Tensor:
+                 use_tma: bool = PREFILL_USE_TMA,
+                 warp_specialize: bool = PREFILL_WARP_SPECIALIZE,
+                 general_block_n: int = PREFILL_GENERAL_BLOCK_N) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
@@ -496,8 +505,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         scale * LOG2E,
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, GENERAL_BLOCK_N=general_block_n, USE_TMA=use_tma,
+        WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, num_stages=num_stages,
         **shapes,
     )
     return out
