@@ -312,7 +312,7 @@ def lambda_prefill_kernel(
     rows_ptr, pos_ptr, block_ptr, base_ptr,
     keys_ptr, values_ptr,            # turn_pages_kernel's dense copies
     # the band (USE_BAND): per tile first band row block, width, index of its first band
-    # block; per band block output [.., Hkv, GROUP * BLOCK_M, HEAD_DIM_PAD] and lse (log2)
+    # block; per band block output [.., Hkv, GROUP * BLOCK_M, HEAD_DIM_PAD] and lse (ln)
     band_first_ptr, band_width_ptr, band_offset_ptr, band_out_ptr, band_lse_ptr,
     out_ptr,                         # [N, T, H, D] float32
     stride_qt, stride_qh,
@@ -384,7 +384,7 @@ def lambda_prefill_kernel(
         band_rows = (m >= band_first * BLOCK_M) & (m < full_blocks * BLOCK_M)  # all or none
         lse = tl.load(band_lse_ptr + band_block * stride_blb + kv_head * stride_blh + band_row,
                       mask=band_rows, other=0.0)
-        m_i = tl.where(band_rows, lse, NEG_BIG)
+        m_i = tl.where(band_rows, lse * LOG2E, NEG_BIG)
         l_i = tl.where(band_rows, 1.0, 0.0)
         acc = tl.load(band_out_ptr + band_block * stride_bob + kv_head * stride_boh
                       + band_row[:, None] * HEAD_DIM_PAD + d[None, :],
@@ -500,8 +500,7 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 def dense_band(group, band: Band, query: torch.Tensor, rotation, keys: torch.Tensor,
                values: torch.Tensor, scale: float, rows: int, page_size: int, shapes: dict):
     """The band rectangles of every tile: (output [blocks, Hkv, G * rows, HEAD_DIM_PAD] in the
-    input dtype, log-sum-exp [blocks, Hkv, G * rows] float32 in log2 units, as the kernel's
-    softmax)."""
+    input dtype, log-sum-exp [blocks, Hkv, G * rows] float32, natural log)."""
     device = query.device
     counts = band.end - band.first
     band_tile = np.repeat(np.arange(len(counts)), counts)
@@ -536,7 +535,7 @@ def dense_band(group, band: Band, query: torch.Tensor, rotation, keys: torch.Ten
         outputs.append(out)
         lses.append(lse.reshape(blocks, num_kv_heads, -1))
     cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs)  # noqa: E731
-    return cat(outputs).contiguous(), (cat(lses).float() * LOG2E).contiguous()
+    return cat(outputs).contiguous(), cat(lses).float().contiguous()
 
 
 def fused_attention(q, k, v, scale: float):
