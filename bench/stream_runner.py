@@ -135,8 +135,7 @@ def to_device(plan: AttentionPlan, device) -> AttentionPlan:
     move = lambda x: x.pin_memory().to(device, non_blocking=True)  # noqa: E731
     return AttentionPlan(plan.config, move(plan.slot_mapping),
                          tuple(TileGroup(*(move(x) for x in (g.query_rows, g.query_position,
-                                                             g.page_block, g.page_base)),
-                                         g.first_position_host)
+                                                             g.page_block, g.page_base)))
                                for g in plan.groups))
 
 

@@ -37,21 +37,12 @@ class TileGroup:
     page_block:      [N, P] int64, physical block (page) ids in the KV cache
     page_base:       [N, P] int64, absolute position of each page's first token (b_p),
                      or -1 for padding
-    first_position_host: [N] int64 numpy, query_position[:, 0] kept on the host (the GPU
-                     prefill plans its band from it without a device read)
     """
 
     query_rows: torch.Tensor
     query_position: torch.Tensor
     page_block: torch.Tensor
     page_base: torch.Tensor
-    first_position_host: np.ndarray | None = None
-
-    def first_positions(self) -> np.ndarray:
-        """Each tile's first query position on the host (read from the device if not kept)."""
-        if self.first_position_host is not None:
-            return self.first_position_host
-        return self.query_position[:, 0].cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -151,6 +142,5 @@ def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.nd
             page_base=torch.from_numpy(np.where(padding, PADDING_PAGE_BASE,
                                                 rope_frame.page_base(pages, page_size))
                                        ).to(device),
-            first_position_host=first_position[sel],
         ))
     return AttentionPlan(config=config, slot_mapping=slot_mapping, groups=tuple(groups))

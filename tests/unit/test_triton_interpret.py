@@ -31,7 +31,7 @@ if not INTERPRETED:
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
         print(result.stdout.strip().splitlines()[-1])
 else:
-    from lminf_vllm.attention import band, triton_decode, triton_prefill
+    from lminf_vllm.attention import triton_decode, triton_prefill
 
 from lminf_vllm.attention import build_plan, reference
 from lminf_vllm.attention.rotation import QueryRotation
@@ -123,22 +123,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_kernels_match_reference(name, monkeypatch):
+def test_kernels_match_reference(name):
     case = CASES[name]
     plan, query, kv_cache, rotation = _setup(case)
     scale = case["D"] ** -0.5
-    # bands as narrow as these tiny windows allow, so the band path runs here
-    monkeypatch.setattr(band, "MIN_BAND_WIDTH", 8)
-    if name.startswith("whole_chunks"):
-        assert any(band.band_geometry(plan.config, g.first_positions(), g.query_rows.shape[1],
-                                      32).num_blocks for g in plan.groups)
     for group in plan.groups:
         ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
-        for use_band in (False, True):
+        for use_tma in (False, True):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
-                                              block_m=32, block_n=16, use_band=use_band)
+                                              block_m=32, block_n=16, use_tma=use_tma)
             _assert_matches(out, ref, group, case["dtype"],
-                            f"{name} prefill kernel (use_band={use_band})")
+                            f"{name} prefill kernel (use_tma={use_tma})")
         if group.query_rows.shape[1] == 1:
             for splits in (1, 3):
                 out = triton_decode.attend_group(plan, group, query, kv_cache, rotation,
