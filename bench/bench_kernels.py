@@ -197,15 +197,9 @@ def main():
     print("sdpa prefill", results["sdpa_prefill_window"], results["sdpa_prefill_causal"],
           flush=True)
     tune = []
-    keys = ("block_m", "block_n", "num_warps", "num_stages", "use_tma", "warp_specialize",
-            "general_block_n")
-    configs = [(128, 64, 8, 3, False, False, 32), (128, 128, 8, 2, False, False, 32),
-               (128, 128, 8, 3, False, False, 32), (128, 64, 8, 4, False, False, 32),
-               (128, 64, 8, 3, False, False, 16), (64, 64, 4, 3, False, False, 32),
-               (128, 64, 8, 3, True, False, 32), (128, 128, 8, 2, True, False, 32),
-               (128, 128, 8, 3, True, False, 32), (128, 64, 8, 3, False, True, 32),
-               (128, 128, 8, 3, False, True, 32), (128, 64, 8, 3, True, True, 32),
-               (128, 128, 8, 3, True, True, 32)]
+    keys = ("block_m", "block_n", "num_warps", "num_stages", "general_block_n")
+    configs = [(64, 64, 4, 3, 32), (128, 64, 8, 3, 32), (64, 32, 4, 3, 32), (64, 64, 4, 2, 32),
+               (64, 64, 4, 4, 32), (64, 64, 4, 3, 16), (128, 128, 8, 3, 32), (64, 128, 4, 3, 32)]
     if args.quick:
         configs = configs[:2]
     for config in configs:

@@ -10,22 +10,21 @@ keys (stored turned by j - b_p). Every (t, p) falls in one of two cases:
   capped (t - b_p >  L): angle = L - t mod B, independent of the page: the query turns once
          and the keys are used as stored.
 
-So the work is split in two launches:
+Two launches per group:
 
 1. `turn_pages_kernel` turns each key of the tile's page list once per step by b_p - a into
-   a dense [tile, KV head, key, :] copy, beside a dense copy of the values (slots not written
-   yet are zeros). This is the one place a key is turned: the old per-block turn in the inner
-   loop was repeated for every query head and row block, and kept the loop off the tensor
-   cores' pace.
-2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile): the queries
-   turn twice (exact and capped), then the keys are visited in the page list's order:
+   a dense [tile, KV head, slot, :] copy, beside a dense copy of the values (slots not written
+   yet are zeros). This is the one place a key is turned (not once per query head and row
+   block in the inner loop).
+2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
+   queries twice (exact and capped) and visits the keys in the page list's order:
    * global pages: both cases per pair (`attend_general`); at most n_global keys;
-   * window pages (contiguous positions), in blocks from the first key any row sees:
+   * window pages (contiguous positions) from the first key any row sees:
      - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases;
      - then the exact case from the dense copy: masked at the window's far edge, unmasked
        in the middle (plain flash attention: most of a long window), masked on the diagonal.
-   Block boundaries are computed once per program from t0, t1 and the window's first page,
-   so the unmasked loop has no per-pair mask and no branch.
+   Loop bounds are computed once per program from t0, t1 and the window's first page, so
+   the unmasked loop has no per-pair mask and no branch.
 
 Angles reach the tile's length (queries) and -(n_local + B) (keys): the rotation table must
 have `angles_needed(config, T)` rows (QueryRotation.with_angles composes rows past L).
@@ -38,21 +37,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
                                                  per_key, rope_halves, rotate)
 
-# Query rows per program, keys per block, warps and pipeline depth: the H100 sweep in
-# bench/bench_kernels.py picks these (bench/results/bench_kernels.json).
-PREFILL_BLOCK_M = 128
+# Query rows per program, keys per block, warps and pipeline depth: the best of the H100 sweep
+# in bench/bench_kernels.py (bench/results/bench_kernels.json).
+PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 8
+PREFILL_NUM_WARPS = 4
 PREFILL_NUM_STAGES = 3
-# Dense key/value blocks through TMA tensor descriptors instead of pointer loads.
-PREFILL_USE_TMA = False
-# Triton's automatic warp specialisation of the unmasked (main) loop.
-PREFILL_WARP_SPECIALIZE = False
 # Keys per block where both cases are computed (global pages, the window's oldest pages):
 # two logit blocks live at once there, so smaller blocks keep the register peak down.
 PREFILL_GENERAL_BLOCK_N = 32
@@ -133,71 +127,71 @@ def turn_pages_kernel(
 
 
 @triton.jit
-def exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_mask,
-                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr,
-                 USE_TMA: tl.constexpr):
-    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots.
+def load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+               HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+               PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Rows' query features of one head: the two members of each rotation pair (float32)
+    and the passthrough features (input dtype; zeros when PASS == 0, unused then)."""
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
+    q_mask = row_ok[:, None] & half_ok[None, :]
+    q1 = tl.load(q_base + first[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + second[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    p_idx = tl.arange(0, PASS_PAD)
+    qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
+                 mask=row_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+    return q1, q2, qp
 
-    USE_TMA: whole [BLOCK_N, :] rows through tensor descriptors (rows past the block's valid
-    keys are finite: zeros or a neighbour's keys, and masked by the caller).
-    """
-    if USE_TMA:
-        row = (segment_row + slot_lo).to(tl.int32)
-        k1 = keys_desc.load([row, 0])
-        k2 = keys_desc.load([row, HALF_PAD])
+
+@triton.jit
+def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
+                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
+    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots."""
+    h = tl.arange(0, HALF_PAD)
+    slot = slot_lo + tl.arange(0, BLOCK_N)
+    ptr = keys + slot.to(tl.int64)[:, None] * KEY_DIM
+    if MASKED_LOAD:
+        k1 = tl.load(ptr + h[None, :], mask=key_mask[:, None], other=0.0)
+        k2 = tl.load(ptr + HALF_PAD + h[None, :], mask=key_mask[:, None], other=0.0)
     else:
-        h = tl.arange(0, HALF_PAD)
-        slot = slot_lo + tl.arange(0, BLOCK_N)
-        ptr = keys + slot.to(tl.int64)[:, None] * KEY_DIM
-        if MASKED_LOAD:
-            k1 = tl.load(ptr + h[None, :], mask=key_mask[:, None], other=0.0)
-            k2 = tl.load(ptr + HALF_PAD + h[None, :], mask=key_mask[:, None], other=0.0)
-        else:
-            k1 = tl.load(ptr + h[None, :])
-            k2 = tl.load(ptr + HALF_PAD + h[None, :])
+        k1 = tl.load(ptr + h[None, :])
+        k2 = tl.load(ptr + HALF_PAD + h[None, :])
     s = tl.dot(qe1, tl.trans(k1))
     s = tl.dot(qe2, tl.trans(k2), s)
     if PASS > 0:
-        if USE_TMA:
-            kp = pass_desc.load([row, 2 * HALF_PAD])
+        p_idx = tl.arange(0, PASS_PAD)
+        if MASKED_LOAD:
+            kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :], mask=key_mask[:, None],
+                         other=0.0)
         else:
-            p_idx = tl.arange(0, PASS_PAD)
-            if MASKED_LOAD:
-                kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :], mask=key_mask[:, None],
-                             other=0.0)
-            else:
-                kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
+            kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
         s = tl.dot(qp, tl.trans(kp), s)
     return s
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_mask,
-                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr,
-                 USE_TMA: tl.constexpr):
+def softmax_step(acc, m_i, l_i, s, values, slot_lo, key_mask,
+                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
     """Online softmax (s: logits in log2 units, masked) and the values' product."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_TMA:
-        v = values_desc.load([(segment_row + slot_lo).to(tl.int32), 0])
+    d = tl.arange(0, HEAD_DIM_PAD)
+    slot = slot_lo + tl.arange(0, BLOCK_N)
+    ptr = values + slot.to(tl.int64)[:, None] * HEAD_DIM_PAD + d[None, :]
+    if MASKED_LOAD:
+        v = tl.load(ptr, mask=key_mask[:, None], other=0.0)
     else:
-        d = tl.arange(0, HEAD_DIM_PAD)
-        slot = slot_lo + tl.arange(0, BLOCK_N)
-        ptr = values + slot.to(tl.int64)[:, None] * HEAD_DIM_PAD + d[None, :]
-        if MASKED_LOAD:
-            v = tl.load(ptr, mask=key_mask[:, None], other=0.0)
-        else:
-            v = tl.load(ptr)
+        v = tl.load(ptr)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
 @triton.jit
 def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok, anchor,
-                   qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
+                   qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
                    stride_kb, stride_kh, stride_ks, stride_page_n,
                    n_global, n_local, trained_length,
                    PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
@@ -207,16 +201,13 @@ def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok
 
     Exact pairs use the dense turned copy; capped pairs the stored keys, read from their
     pages (slot // B is the page's index in the tile's list, slot mod B the key in it).
-    Few blocks per program take this path; they use pointer loads (the descriptors are
-    shaped for the exact loops' blocks).
     """
-    keys, values, keys_desc, pass_desc, values_desc, segment_row = dense
     key = tl.arange(0, BLOCK_N)
     slot = slot_lo + key
     j = j_lo + key
     key_ok = j < j_hi
-    s = exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_ok,
-                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True, False)
+    s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True)
     block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
     src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
            + (slot % PAGE_SIZE) * stride_ks)
@@ -238,32 +229,30 @@ def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok
     visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
                & ((j < n_global)[None, :] | (dist < n_local)))
     s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
-    return softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_ok,
-                        HEAD_DIM_PAD, BLOCK_N, True, False)
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
 
 
 @triton.jit
 def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1, qe2, qp,
-                  dense, n_local,
+                  keys, values, n_local,
                   HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                   KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+                  MASKED: tl.constexpr):
     """Window keys j_lo .. j_lo + BLOCK_N, all pairs exact, from the dense copy.
 
     MASKED: the block touches the window's far edge or the diagonal (or ends past j_hi);
     otherwise every row sees every key of the block and no mask is evaluated.
     """
-    keys, values, keys_desc, pass_desc, values_desc, segment_row = dense
     j = j_lo + tl.arange(0, BLOCK_N)
     key_ok = j < j_hi
-    s = exact_logits(qe1, qe2, qp, keys, keys_desc, pass_desc, segment_row, slot_lo, key_ok,
-                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED, USE_TMA)
+    s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED)
     if MASKED:
         dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
         visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < n_local)
         s = tl.where(visible, s, float("-inf"))
-    return softmax_step(acc, m_i, l_i, s, values, values_desc, segment_row, slot_lo, key_ok,
-                        HEAD_DIM_PAD, BLOCK_N, MASKED, USE_TMA)
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
+                        MASKED)
 
 
 @triton.jit
@@ -273,7 +262,6 @@ def lambda_prefill_kernel(
     # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P]
     rows_ptr, pos_ptr, block_ptr, base_ptr,
     keys_ptr, values_ptr,            # turn_pages_kernel's dense copies
-    keys_desc, pass_desc, values_desc,  # the same as [N * Hkv * P * B, :] tensor descriptors
     out_ptr,                         # [N, T, H, D] float32
     stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
@@ -297,8 +285,6 @@ def lambda_prefill_kernel(
     BLOCK_M: tl.constexpr,           # query rows per program
     BLOCK_N: tl.constexpr,           # keys per block of the exact loops
     GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
-    USE_TMA: tl.constexpr,           # dense blocks through the descriptors (else pointers)
-    WARP_SPECIALIZE: tl.constexpr,   # Triton's warp specialisation of the unmasked loop
 ):
     row_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -306,9 +292,6 @@ def lambda_prefill_kernel(
     kv_head = head // GROUP
     keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
     values = values_ptr + n * stride_vn + kv_head * stride_vh
-    # the (tile, KV head) segment's first row in the descriptors' 2-D view
-    segment_row = (n * (tl.num_programs(1) // GROUP) + kv_head) * (num_pages * PAGE_SIZE)
-    dense = (keys, values, keys_desc, pass_desc, values_desc, segment_row)
 
     # ---- the rows' queries and their two turns ----
     m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -323,30 +306,18 @@ def lambda_prefill_kernel(
     q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
     t_rel = (t - anchor).to(tl.int32)                     # in [0, T + B)
-
-    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
-    q_mask = row_ok[:, None] & half_ok[None, :]
-    q1 = tl.load(q_base + first[None, :], mask=q_mask, other=0.0)
-    q2 = tl.load(q_base + second[None, :], mask=q_mask, other=0.0)
-    dtype = q1.dtype
-    q1 = q1.to(tl.float32)
-    q2 = q2.to(tl.float32)
+    q1, q2, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                            HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    dtype = qp.dtype
     # the softmax scale (in log2 units) rides on the queries: no multiply per logit
     q1 = q1 * scale_log2
     q2 = q2 * scale_log2
+    qp = (qp.to(tl.float32) * scale_log2).to(dtype)
     cos, sin = cos_sin(table_ptr, stride_table, t_rel - t_in_page, HALF, HALF_PAD)
     qe1, qe2 = rotate(q1, q2, cos, sin)                   # exact case
     cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
     qc1, qc2 = rotate(q1, q2, cos, sin)                   # capped case
     qe1, qe2, qc1, qc2 = qe1.to(dtype), qe2.to(dtype), qc1.to(dtype), qc2.to(dtype)
-    if PASS > 0:
-        p_idx = tl.arange(0, PASS_PAD)
-        qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
-                     mask=row_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
-        qp = (qp.to(tl.float32) * scale_log2).to(dtype)
-    else:
-        qp = qe1  # unused
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -357,53 +328,54 @@ def lambda_prefill_kernel(
     for j_lo in tl.range(0, global_keys, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
             acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, row_ok, anchor,
-            qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
+            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
             stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
             GENERAL_BLOCK_N)
 
     # ---- the window pages: contiguous positions from the list's first window page, at
-    # slot global_keys; keys from the first one some row sees (j_start) to t1 ----
+    # slot global_keys (+ j - window_base); keys from the first one some row sees to t1 ----
     global_pages = global_keys // PAGE_SIZE
     first_window = tl.load(base_ptr + n * stride_page_n + global_pages,
                            mask=global_pages < num_pages, other=-1)
     window_base = tl.where(first_window >= 0, first_window, global_keys)
+    slot_of = global_keys - window_base
     j_start = tl.maximum(window_base, t0 - n_local + 1)
     j_end = t1 + 1
     # pages with base < t1 - L can be past the distance limit for some row: both cases
     capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
-    j_exact = tl.minimum(j_start + tl.cdiv(tl.maximum(capped_end - j_start, 0),
-                                           GENERAL_BLOCK_N) * GENERAL_BLOCK_N, j_end)
+    j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
     for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, global_keys + (j_lo - window_base), j_lo, j_end, n, kv_head,
-            t_rel, row_ok, anchor, qe1, qe2, qc1, qc2, qp, dense, kv_ptr, block_ptr,
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, row_ok, anchor,
+            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
             stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
             GENERAL_BLOCK_N)
-    # the rest is exact, in blocks from j_exact: [0, k_edge) masked (keys <= t1 - n_local are
-    # outside some row's window) | [k_edge, k_inner) unmasked (the block's last key <= t0)
-    # | [k_inner, num_blocks) masked (the diagonal)
+    # the rest is exact: [j_exact, edge_end) masked (keys <= t1 - n_local are outside some
+    # row's window), [edge_end, middle_end) unmasked (whole blocks with last key <= t0),
+    # [middle_end, t1] masked.
     num_blocks = tl.cdiv(tl.maximum(j_end - j_exact, 0), BLOCK_N)
     k_edge = tl.minimum(tl.cdiv(tl.maximum(t1 - n_local + 1 - j_exact, 0), BLOCK_N), num_blocks)
-    k_inner = tl.minimum(tl.maximum(tl.maximum(t0 + 1 - j_exact, 0) // BLOCK_N, k_edge),
-                         num_blocks)
-    slot_exact = global_keys + (j_exact - window_base)
-    for k in tl.range(0, k_edge, num_stages=1):
+    k_middle = tl.minimum(tl.maximum(tl.maximum(t0 + 1 - j_exact, 0) // BLOCK_N, k_edge),
+                          num_blocks)
+    edge_end = j_exact + k_edge * BLOCK_N
+    middle_end = j_exact + k_middle * BLOCK_N
+    for j_lo in tl.range(j_exact, edge_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_exact + k * BLOCK_N, j_exact + k * BLOCK_N, j_end, t_rel,
-            row_ok, anchor, qe1, qe2, qp, dense, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
-    for k in tl.range(k_edge, k_inner, warp_specialize=WARP_SPECIALIZE):
+            acc, m_i, l_i, slot_of + j_lo, j_lo, tl.minimum(edge_end, j_end), t_rel, row_ok, anchor, qe1, qe2,
+            qp, keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True)
+    for j_lo in tl.range(edge_end, middle_end, BLOCK_N):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_exact + k * BLOCK_N, j_exact + k * BLOCK_N, j_end, t_rel,
-            row_ok, anchor, qe1, qe2, qp, dense, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False, USE_TMA)
-    for k in tl.range(k_inner, num_blocks, num_stages=1):
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, row_ok, anchor, qe1, qe2,
+            qp, keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
+    for j_lo in tl.range(middle_end, j_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_exact + k * BLOCK_N, j_exact + k * BLOCK_N, j_end, t_rel,
-            row_ok, anchor, qe1, qe2, qp, dense, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True, USE_TMA)
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, row_ok, anchor, qe1, qe2,
+            qp, keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True)
 
     d = tl.arange(0, HEAD_DIM_PAD)
     out = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh + d[None, :]
@@ -451,8 +423,6 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
                  scale: float, block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
                  num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
-                 use_tma: bool = PREFILL_USE_TMA,
-                 warp_specialize: bool = PREFILL_WARP_SPECIALIZE,
                  general_block_n: int = PREFILL_GENERAL_BLOCK_N) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
@@ -481,19 +451,12 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     shapes = _shapes(head_dim, rotation)
     keys, values = turn_pages(group, kv_cache, rotation)
     table = rotation.cos_sin
-    descriptors = (None, None, None)
-    if use_tma:
-        rows = lambda x, width: TensorDescriptor.from_tensor(  # noqa: E731
-            x.view(-1, x.shape[-1]), [block_n, width])
-        descriptors = (rows(keys, shapes["HALF_PAD"]),
-                       rows(keys, shapes["PASS_PAD"]) if shapes["PASS"] else None,
-                       rows(values, shapes["HEAD_DIM_PAD"]))
     global LAST_LAUNCH
     LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
                                          num_tiles)](
         query, kv_cache, table,
         group.query_rows, group.query_position, group.page_block, group.page_base,
-        keys, values, *descriptors, out,
+        keys, values, out,
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         table.stride(0),
@@ -505,8 +468,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         scale * LOG2E,
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, GENERAL_BLOCK_N=general_block_n, USE_TMA=use_tma,
-        WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, GENERAL_BLOCK_N=general_block_n,
+        num_warps=num_warps, num_stages=num_stages,
         **shapes,
     )
     return out

@@ -129,11 +129,12 @@ def test_kernels_match_reference(name):
     scale = case["D"] ** -0.5
     for group in plan.groups:
         ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
-        for use_tma in (False, True):
+        # small blocks, so that tiles span several row blocks and every loop of the kernel
+        # runs; then the defaults
+        for blocks in (dict(block_m=32, block_n=16, general_block_n=16), {}):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
-                                              block_m=32, block_n=16, use_tma=use_tma)
-            _assert_matches(out, ref, group, case["dtype"],
-                            f"{name} prefill kernel (use_tma={use_tma})")
+                                              **blocks)
+            _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel {blocks}")
         if group.query_rows.shape[1] == 1:
             for splits in (1, 3):
                 out = triton_decode.attend_group(plan, group, query, kv_cache, rotation,
