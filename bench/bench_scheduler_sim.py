@@ -144,7 +144,7 @@ def run(args) -> dict:
     rss_after_submit = rss_bytes()
 
     short_id = 0
-    rows, max_blocks_long, max_used_alone, steps = [], 0, 0, 0
+    rows, max_blocks_long, steps = [], 0, 0
     next_checkpoint = 0
     start_time = time.perf_counter()
     last_time, last_tokens = start_time, 0

@@ -19,7 +19,6 @@ import os
 import platform
 import resource
 import time
-from pathlib import Path
 
 from common import MODEL_DIR, REPO, rss_bytes
 
