@@ -50,9 +50,6 @@ PREFILL_NUM_STAGES = 3
 # Keys per block where both cases are computed (global pages, the window's oldest pages):
 # two logit blocks live at once there, so smaller blocks keep the register peak down.
 PREFILL_GENERAL_BLOCK_N = 32
-# Pipeline depth of the short loops (global pages, the window's oldest pages, its far edge,
-# the diagonal): a few blocks per program.
-PREFILL_EDGE_STAGES = 1
 # Pages one program of turn_pages_kernel turns.
 TURN_PAGES = 8
 # A key farther back than this from the anchor is clamped to it (still far: outside the
@@ -193,48 +190,6 @@ def softmax_step(acc, m_i, l_i, s, values, slot_lo, key_mask,
 
 
 @triton.jit
-def capped_logits(qc1, qc2, qp, slot, key_ok, n, kv_head, kv_ptr, block_ptr,
-                  stride_kb, stride_kh, stride_ks, stride_page_n,
-                  PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                  PASS: tl.constexpr, PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
-    """<q turned by L - t mod B, key as stored> for keys at dense slots (slot // B is the
-    page's index in the tile's list, slot mod B the key in it), read from their pages."""
-    block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
-    src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
-           + (slot % PAGE_SIZE) * stride_ks)
-    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    k_mask = key_ok[:, None] & half_ok[None, :]
-    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
-    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
-    s = tl.dot(qc1, tl.trans(k1))
-    s = tl.dot(qc2, tl.trans(k2), s)
-    if PASS > 0:
-        p_idx = tl.arange(0, PASS_PAD)
-        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
-                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
-        s = tl.dot(qp, tl.trans(kp), s)
-    return s
-
-
-@triton.jit
-def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, values, kv_ptr,
-                      block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
-                      PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                      PASS: tl.constexpr, PASS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                      IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Global keys j_lo .. (< j_hi) that every row sees past L and outside its window (the
-    caller checks): one product with the capped queries; exactly the keys j < n_global are
-    visible. Global slots are positions."""
-    j = j_lo + tl.arange(0, BLOCK_N)
-    key_ok = j < j_hi
-    s = capped_logits(qc1, qc2, qp, j, key_ok, n, kv_head, kv_ptr, block_ptr,
-                      stride_kb, stride_kh, stride_ks, stride_page_n,
-                      PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    s = tl.where((key_ok & (j < n_global))[None, :], s, float("-inf"))
-    return softmax_step(acc, m_i, l_i, s, values, j_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
-
-
-@triton.jit
 def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok, anchor,
                    qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
                    stride_kb, stride_kh, stride_ks, stride_page_n,
@@ -253,9 +208,20 @@ def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok
     key_ok = j < j_hi
     s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
                      HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True)
-    s_capped = capped_logits(qc1, qc2, qp, slot, key_ok, n, kv_head, kv_ptr, block_ptr,
-                             stride_kb, stride_kh, stride_ks, stride_page_n,
-                             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
+    src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
+           + (slot % PAGE_SIZE) * stride_ks)
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    k_mask = key_ok[:, None] & half_ok[None, :]
+    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
+    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
+    s_capped = tl.dot(qc1, tl.trans(k1))
+    s_capped = tl.dot(qc2, tl.trans(k2), s_capped)
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
+                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+        s_capped = tl.dot(qp, tl.trans(kp), s_capped)
     j_rel = tl.maximum(j - anchor, -FAR).to(tl.int32)
     page_rel = tl.maximum(j - j % PAGE_SIZE - anchor, -FAR).to(tl.int32)
     exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
@@ -319,7 +285,6 @@ def lambda_prefill_kernel(
     BLOCK_M: tl.constexpr,           # query rows per program
     BLOCK_N: tl.constexpr,           # keys per block of the exact loops
     GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
-    EDGE_STAGES: tl.constexpr,       # pipeline depth of the loops other than the middle one
 ):
     row_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -360,25 +325,13 @@ def lambda_prefill_kernel(
 
     # ---- the global pages: the first num_global pages of the list, slots = positions ----
     global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
-    # mid-stream every row sees every global page past L and outside its window: one
-    # product per block and a mask of the keys alone
-    far = ((t0 - (global_keys - PAGE_SIZE) > trained_length)
-           & (t0 - n_local + 1 >= global_keys))
-    if far:
-        for j_lo in tl.range(0, global_keys, GENERAL_BLOCK_N, num_stages=EDGE_STAGES):
-            acc, m_i, l_i = attend_far_global(
-                acc, m_i, l_i, j_lo, global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
-                block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
-                PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX,
-                GENERAL_BLOCK_N)
-    else:
-        for j_lo in tl.range(0, global_keys, GENERAL_BLOCK_N, num_stages=EDGE_STAGES):
-            acc, m_i, l_i = attend_general(
-                acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, row_ok, anchor,
-                qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
-                stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local,
-                trained_length, PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
-                HEAD_DIM_PAD, IS_NEOX, GENERAL_BLOCK_N)
+    for j_lo in tl.range(0, global_keys, GENERAL_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_general(
+            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, row_ok, anchor,
+            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
+            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
+            GENERAL_BLOCK_N)
 
     # ---- the window pages: contiguous positions from the list's first window page, at
     # slot global_keys (+ j - window_base); keys from the first one some row sees to t1 ----
@@ -392,7 +345,7 @@ def lambda_prefill_kernel(
     # pages with base < t1 - L can be past the distance limit for some row: both cases
     capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
     j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
-    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=EDGE_STAGES):
+    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, row_ok, anchor,
             qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
@@ -408,7 +361,7 @@ def lambda_prefill_kernel(
                           num_blocks)
     edge_end = j_exact + k_edge * BLOCK_N
     middle_end = j_exact + k_middle * BLOCK_N
-    for j_lo in tl.range(j_exact, edge_end, BLOCK_N, num_stages=EDGE_STAGES):
+    for j_lo in tl.range(j_exact, edge_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_window(
             acc, m_i, l_i, slot_of + j_lo, j_lo, tl.minimum(edge_end, j_end), t_rel, row_ok, anchor, qe1, qe2,
             qp, keys, values, n_local,
@@ -418,7 +371,7 @@ def lambda_prefill_kernel(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, row_ok, anchor, qe1, qe2,
             qp, keys, values, n_local,
             HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    for j_lo in tl.range(middle_end, j_end, BLOCK_N, num_stages=EDGE_STAGES):
+    for j_lo in tl.range(middle_end, j_end, BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_window(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, row_ok, anchor, qe1, qe2,
             qp, keys, values, n_local,
@@ -470,8 +423,7 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
                  scale: float, block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
                  num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
-                 general_block_n: int = PREFILL_GENERAL_BLOCK_N,
-                 edge_stages: int = PREFILL_EDGE_STAGES) -> torch.Tensor:
+                 general_block_n: int = PREFILL_GENERAL_BLOCK_N) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
@@ -517,7 +469,6 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, GENERAL_BLOCK_N=general_block_n,
-        EDGE_STAGES=edge_stages,
         num_warps=num_warps, num_stages=num_stages,
         **shapes,
     )
