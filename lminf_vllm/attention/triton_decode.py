@@ -211,9 +211,12 @@ def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 
 
-def check_inputs(group, query, kv_cache, rotation, *, decode: bool) -> None:
+def check_inputs(config, group, query, kv_cache, rotation, *, decode: bool) -> None:
     """Shape, dtype, device and stride contract shared by both launchers (clear errors)."""
     who = "triton_decode" if decode else "triton_prefill"
+    if kv_cache.dim() == 4 and kv_cache.shape[2] != config.page_size:
+        raise ValueError(f"lminf {who}: kv_cache page size {kv_cache.shape[2]} != "
+                         f"config.page_size {config.page_size}")
     if query.dim() != 3 or kv_cache.dim() != 4:
         raise ValueError(f"lminf {who}: query must be [T, H, D] and kv_cache "
                          f"[blocks, Hkv, B, 2D]; got {tuple(query.shape)} and "
@@ -266,12 +269,9 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, 1, H, D] float32.
     """
-    check_inputs(group, query, kv_cache, rotation, decode=True)
+    check_inputs(plan.config, group, query, kv_cache, rotation, decode=True)
     config = plan.config
     page_size = kv_cache.shape[2]
-    if page_size != config.page_size:
-        raise ValueError(f"lminf triton_decode: kv_cache page size {page_size} != "
-                         f"config.page_size {config.page_size}")
     if block_keys % page_size:
         block_keys = page_size * max(1, block_keys // page_size)
     num_tiles, num_pages = group.page_block.shape

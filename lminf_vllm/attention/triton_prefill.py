@@ -429,12 +429,9 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
     rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
     """
-    check_inputs(group, query, kv_cache, rotation, decode=False)
+    check_inputs(plan.config, group, query, kv_cache, rotation, decode=False)
     config = plan.config
     page_size = kv_cache.shape[2]
-    if page_size != config.page_size:
-        raise ValueError(f"lminf triton_prefill: kv_cache page size {page_size} != "
-                         f"config.page_size {config.page_size}")
     num_tiles, num_queries = group.query_rows.shape
     needed = angles_needed(config, num_queries)
     if rotation.cos_sin.shape[0] < needed:
