@@ -47,9 +47,14 @@ PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 4
 PREFILL_NUM_STAGES = 3
+# Keys per block of the masked exact loops (the window's far edge and the diagonal).
+PREFILL_EDGE_BLOCK_N = 64
+PREFILL_EDGE_STAGES = 1
 # Keys per block where both cases are computed (global pages, the window's oldest pages):
 # two logit blocks live at once there, so smaller blocks keep the register peak down.
 PREFILL_GENERAL_BLOCK_N = 32
+# Keys per block of the global pages every row is past L (one product per pair there).
+PREFILL_FAR_BLOCK_N = 64
 # Pages one program of turn_pages_kernel turns.
 TURN_PAGES = 8
 # A key farther back than this from the anchor is clamped to it (still far: outside the
@@ -190,7 +195,32 @@ def softmax_step(acc, m_i, l_i, s, values, slot_lo, key_mask,
 
 
 @triton.jit
-def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok, anchor,
+def stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, slot, key_ok,
+                  stride_kb, stride_kh, stride_ks, stride_page_n,
+                  PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                  PASS: tl.constexpr, PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """<q turned by L - t mod B, key as stored> (the capped case) for a block of slots,
+    read from their pages (slot // B is the page's index in the tile's list, slot mod B the
+    key in it)."""
+    block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
+    src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
+           + (slot % PAGE_SIZE) * stride_ks)
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    k_mask = key_ok[:, None] & half_ok[None, :]
+    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
+    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
+    s = tl.dot(qc1, tl.trans(k1))
+    s = tl.dot(qc2, tl.trans(k2), s)
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
+                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+        s = tl.dot(qp, tl.trans(kp), s)
+    return s
+
+
+@triton.jit
+def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, anchor,
                    qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
                    stride_kb, stride_kh, stride_ks, stride_page_n,
                    n_global, n_local, trained_length,
@@ -199,41 +229,48 @@ def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, row_ok
                    HEAD_DIM_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys j_lo .. j_lo + BLOCK_N (< j_hi) at dense slots slot_lo..: both cases per pair.
 
-    Exact pairs use the dense turned copy; capped pairs the stored keys, read from their
-    pages (slot // B is the page's index in the tile's list, slot mod B the key in it).
+    Exact pairs use the dense turned copy; capped pairs the stored keys.
     """
     key = tl.arange(0, BLOCK_N)
-    slot = slot_lo + key
     j = j_lo + key
     key_ok = j < j_hi
     s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
                      HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True)
-    block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
-    src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
-           + (slot % PAGE_SIZE) * stride_ks)
-    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    k_mask = key_ok[:, None] & half_ok[None, :]
-    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
-    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
-    s_capped = tl.dot(qc1, tl.trans(k1))
-    s_capped = tl.dot(qc2, tl.trans(k2), s_capped)
-    if PASS > 0:
-        p_idx = tl.arange(0, PASS_PAD)
-        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
-                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
-        s_capped = tl.dot(qp, tl.trans(kp), s_capped)
+    s_capped = stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, slot_lo + key, key_ok,
+                             stride_kb, stride_kh, stride_ks, stride_page_n,
+                             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     j_rel = tl.maximum(j - anchor, -FAR).to(tl.int32)
     page_rel = tl.maximum(j - j % PAGE_SIZE - anchor, -FAR).to(tl.int32)
     exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
     dist = t_rel[:, None] - j_rel[None, :]
-    visible = (row_ok[:, None] & key_ok[None, :] & (dist >= 0)
+    visible = (key_ok[None, :] & (dist >= 0)
                & ((j < n_global)[None, :] | (dist < n_local)))
     s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
 
 
 @triton.jit
-def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1, qe2, qp,
+def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+                      block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+                      PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                      PASS: tl.constexpr, PASS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                      IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Global keys j_lo .. j_lo + BLOCK_N (< j_hi) that every row sees past L: one product.
+
+    Every row is further than L from each of these pages (the caller's bound), so every
+    pair is capped and visible (global, behind every row): only j < n_global masks.
+    """
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = (j < j_hi) & (j < n_global)
+    s = stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, j, key_ok,
+                      stride_kb, stride_kh, stride_ks, stride_page_n,
+                      PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, j_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
+def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qp,
                   keys, values, n_local,
                   HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                   KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -241,7 +278,9 @@ def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1
     """Window keys j_lo .. j_lo + BLOCK_N, all pairs exact, from the dense copy.
 
     MASKED: the block touches the window's far edge or the diagonal (or ends past j_hi);
-    otherwise every row sees every key of the block and no mask is evaluated.
+    otherwise every row sees every key of the block and no mask is evaluated. The mask is the
+    distance alone: keys from j_hi = t1 + 1 on are at negative distance from every row, and
+    padding rows (past the tile's queries) repeat t1 and are not stored.
     """
     j = j_lo + tl.arange(0, BLOCK_N)
     key_ok = j < j_hi
@@ -249,8 +288,7 @@ def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, row_ok, anchor, qe1
                      HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED)
     if MASKED:
         dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
-        visible = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (dist < n_local)
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where((dist >= 0) & (dist < n_local), s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
                         MASKED)
 
@@ -284,7 +322,10 @@ def lambda_prefill_kernel(
     IS_NEOX: tl.constexpr,
     BLOCK_M: tl.constexpr,           # query rows per program
     BLOCK_N: tl.constexpr,           # keys per block of the exact loops
+    EDGE_BLOCK_N: tl.constexpr,      # keys per block of the masked exact loops
+    EDGE_STAGES: tl.constexpr,       # their pipeline depth (a few blocks per row block)
     GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
+    FAR_BLOCK_N: tl.constexpr,       # keys per block of the global pages every row is past
 ):
     row_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -324,10 +365,19 @@ def lambda_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
     # ---- the global pages: the first num_global pages of the list, slots = positions ----
+    # Pages whose base is before t0 - L are past the distance limit for every row: capped
+    # alone (the usual case once a stream is longer than L); the rest both cases.
     global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
-    for j_lo in tl.range(0, global_keys, GENERAL_BLOCK_N, num_stages=1):
+    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+    far_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
+    for j_lo in tl.range(0, far_keys, FAR_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_far_global(
+            acc, m_i, l_i, j_lo, far_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
+    for j_lo in tl.range(far_keys, global_keys, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, row_ok, anchor,
+            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
             qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
             stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
@@ -347,35 +397,35 @@ def lambda_prefill_kernel(
     j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
     for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=1):
         acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, row_ok, anchor,
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, anchor,
             qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
             stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
             GENERAL_BLOCK_N)
-    # the rest is exact: [j_exact, edge_end) masked (keys <= t1 - n_local are outside some
-    # row's window), [edge_end, middle_end) unmasked (whole blocks with last key <= t0),
-    # [middle_end, t1] masked.
-    num_blocks = tl.cdiv(tl.maximum(j_end - j_exact, 0), BLOCK_N)
-    k_edge = tl.minimum(tl.cdiv(tl.maximum(t1 - n_local + 1 - j_exact, 0), BLOCK_N), num_blocks)
-    k_middle = tl.minimum(tl.maximum(tl.maximum(t0 + 1 - j_exact, 0) // BLOCK_N, k_edge),
-                          num_blocks)
-    edge_end = j_exact + k_edge * BLOCK_N
-    middle_end = j_exact + k_middle * BLOCK_N
-    for j_lo in tl.range(j_exact, edge_end, BLOCK_N, num_stages=1):
+    # the rest is exact, from the dense copy, in three runs: masked at the window's far edge
+    # [j_exact, edge_end) (keys some row is already past), unmasked in the middle
+    # [edge_end, middle_end) (whole BLOCK_N blocks every row sees: first key inside the
+    # last row's window, last key <= t0), masked on the diagonal [middle_end, t1]. The masked
+    # runs take EDGE_BLOCK_N keys per block: a mask over a BLOCK_M x BLOCK_N block costs
+    # registers the unmasked loop needs for its pipeline.
+    edge_keys = tl.maximum(t1 - n_local + 1 - j_exact, 0)
+    edge_end = tl.minimum(j_exact + tl.cdiv(edge_keys, EDGE_BLOCK_N) * EDGE_BLOCK_N, j_end)
+    middle_end = edge_end + tl.maximum(t0 + 1 - edge_end, 0) // BLOCK_N * BLOCK_N
+    for j_lo in tl.range(j_exact, edge_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, tl.minimum(edge_end, j_end), t_rel, row_ok, anchor, qe1, qe2,
-            qp, keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True)
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+            keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
     for j_lo in tl.range(edge_end, middle_end, BLOCK_N):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, row_ok, anchor, qe1, qe2,
-            qp, keys, values, n_local,
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+            keys, values, n_local,
             HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    for j_lo in tl.range(middle_end, j_end, BLOCK_N, num_stages=1):
+    for j_lo in tl.range(middle_end, j_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
         acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, row_ok, anchor, qe1, qe2,
-            qp, keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, True)
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+            keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
 
     d = tl.arange(0, HEAD_DIM_PAD)
     out = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh + d[None, :]
@@ -423,7 +473,9 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
                  scale: float, block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
                  num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
-                 general_block_n: int = PREFILL_GENERAL_BLOCK_N) -> torch.Tensor:
+                 edge_block_n: int = PREFILL_EDGE_BLOCK_N, edge_stages: int = PREFILL_EDGE_STAGES,
+                 general_block_n: int = PREFILL_GENERAL_BLOCK_N,
+                 far_block_n: int = PREFILL_FAR_BLOCK_N) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
@@ -465,7 +517,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         scale * LOG2E,
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, GENERAL_BLOCK_N=general_block_n,
+        BLOCK_M=block_m, BLOCK_N=block_n, EDGE_BLOCK_N=edge_block_n, EDGE_STAGES=edge_stages,
+        GENERAL_BLOCK_N=general_block_n, FAR_BLOCK_N=far_block_n,
         num_warps=num_warps, num_stages=num_stages,
         **shapes,
     )

@@ -116,6 +116,11 @@ CASES = {
     "whole_chunks_fp32": dict(B=8, L=64, n_global=12, n_local=64, D=32, rotary_dim=16, H=4,
                               Hkv=2, dtype=torch.float32, tile=200,
                               requests=[(150, 150), (200, 1000), (37, 5037), (1, 700)]),
+    # global pages that only some row blocks are past L for: the far-global run ends inside
+    # the global pages (the chunk starting at t0 = 43: pages before base 16 are far)
+    "far_boundary_fp32": dict(B=8, L=32, n_global=40, n_local=24, D=32, H=2, Hkv=1,
+                              dtype=torch.float32, tile=200,
+                              requests=[(200, 200), (7, 75), (12, 55)]),
     "whole_chunks_fp16": dict(B=16, L=128, n_global=64, n_local=113, D=64, H=2, Hkv=1,
                               dtype=torch.float16, tile=300,
                               requests=[(300, 2_000_000), (300, 300), (5, 70)]),
@@ -130,8 +135,10 @@ def test_kernels_match_reference(name):
     for group in plan.groups:
         ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
         # small blocks, so that tiles span several row blocks and every loop of the kernel
-        # runs; then the defaults
-        for blocks in (dict(block_m=32, block_n=16, general_block_n=16), {}):
+        # runs (masked blocks narrower than unmasked ones, as in the defaults); then the
+        # defaults
+        for blocks in (dict(block_m=32, block_n=32, edge_block_n=16, general_block_n=16,
+                            far_block_n=16), {}):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
                                               **blocks)
             _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel {blocks}")
