@@ -197,10 +197,12 @@ def main():
     print("sdpa prefill", results["sdpa_prefill_window"], results["sdpa_prefill_causal"],
           flush=True)
     tune = []
-    keys = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "general_block_n")
-    configs = [(128, 128, 8, 3, 64, 32), (128, 128, 8, 3, 32, 32), (128, 128, 8, 3, 128, 32),
-               (128, 128, 8, 3, 64, 16), (128, 128, 8, 2, 64, 32), (128, 64, 8, 3, 64, 32),
-               (64, 64, 4, 3, 64, 32), (64, 128, 4, 3, 64, 32)]
+    keys = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
+            "general_block_n", "far_block_n")
+    configs = [(128, 128, 8, 3, 64, 2, 32, 64), (128, 128, 8, 3, 64, 1, 32, 64),
+               (128, 128, 8, 3, 32, 2, 32, 64), (128, 128, 8, 3, 64, 2, 32, 32),
+               (128, 128, 8, 3, 64, 2, 16, 64), (128, 128, 8, 2, 64, 2, 32, 64),
+               (128, 64, 8, 3, 64, 2, 32, 64), (64, 64, 4, 3, 64, 1, 32, 64)]
     if args.quick:
         configs = configs[:2]
     for config in configs:

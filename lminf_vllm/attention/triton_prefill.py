@@ -43,13 +43,14 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 
 # Query rows per program, keys per block, warps and pipeline depth: the best of the H100 sweep
 # in bench/bench_kernels.py (bench/results/bench_kernels.json).
-PREFILL_BLOCK_M = 64
-PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 4
+PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_N = 128
+PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 3
-# Keys per block of the masked exact loops (the window's far edge and the diagonal).
+# Keys per block and pipeline depth of the masked exact loops (the window's far edge and the
+# diagonal): a mask over a 128 x 128 block spills.
 PREFILL_EDGE_BLOCK_N = 64
-PREFILL_EDGE_STAGES = 1
+PREFILL_EDGE_STAGES = 2
 # Keys per block where both cases are computed (global pages, the window's oldest pages):
 # two logit blocks live at once there, so smaller blocks keep the register peak down.
 PREFILL_GENERAL_BLOCK_N = 32

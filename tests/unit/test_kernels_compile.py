@@ -39,22 +39,30 @@ class CapturedKernel:
 
 
 def compile_launch(kernel, args, kwargs):
+    """triton.compile of one launch, specialised as the JIT does at a launch: pointers and
+    integers divisible by 16 marked so (it vectorises loads and sizes the pipelines' shared
+    memory by them), integers equal to 1 made constants."""
     names = kernel.arg_names
     values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k not in OPTIONS})
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(names):
-        value = values[name]
-        if kernel.params[index].is_constexpr:
+        value, param = values[name], kernel.params[index]
+        if param.is_constexpr:
             signature[name], constexprs[(index,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = TENSOR_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif int(value) == 1 and not param.do_not_specialize:
+            signature[name], constexprs[(index,)] = "constexpr", 1
         else:
             signature[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
+            if int(value) % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     options = {k: kwargs[k] for k in OPTIONS if k in kwargs}
-    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=H100,
-                          options=options)
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                          target=H100, options=options)
 
 
 def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16):
