@@ -41,16 +41,18 @@ import triton.language as tl
 from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
                                                  per_key, rope_halves, rotate)
 
-# Query rows per program, keys per block, warps and pipeline depth: the best of the H100 sweep
-# in bench/bench_kernels.py (bench/results/bench_kernels.json).
-PREFILL_BLOCK_M = 128
-PREFILL_BLOCK_N = 128
-PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 3
-# Keys per block and pipeline depth of the masked exact loops (the window's far edge and the
-# diagonal): a mask over a 128 x 128 block spills.
-PREFILL_EDGE_BLOCK_N = 64
-PREFILL_EDGE_STAGES = 2
+# Block shapes by window length, measured on the H100 (bench/results/bench_kernels.json and
+# prefill_block_shapes.json): query rows per program, keys per block of the unmasked loop,
+# warps, its pipeline depth, and keys per block and pipeline depth of the masked exact loops
+# (the window's far edge and the diagonal; a mask over a 128 x 128 block spills). 128-row
+# programs pay for their edges (about 128 + 32 masked keys per row) only when the unmasked
+# middle is long: from n_local 4096 on (396 vs 372 TF/s there, 314 vs 335 at 2048, 61 vs
+# 104 at 256).
+LONG_WINDOW = 4096
+LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
+                          edge_block_n=32, edge_stages=2)
+SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
+                           edge_block_n=32, edge_stages=2)
 # Keys per block where both cases are computed (global pages, the window's oldest pages):
 # two logit blocks live at once there, so smaller blocks keep the register peak down.
 PREFILL_GENERAL_BLOCK_N = 32
@@ -472,18 +474,21 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
-                 scale: float, block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
-                 num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
-                 edge_block_n: int = PREFILL_EDGE_BLOCK_N, edge_stages: int = PREFILL_EDGE_STAGES,
-                 general_block_n: int = PREFILL_GENERAL_BLOCK_N,
-                 far_block_n: int = PREFILL_FAR_BLOCK_N) -> torch.Tensor:
+                 scale: float, general_block_n: int = PREFILL_GENERAL_BLOCK_N,
+                 far_block_n: int = PREFILL_FAR_BLOCK_N, **blocks) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
     rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
+    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length.
     """
     check_inputs(plan.config, group, query, kv_cache, rotation, decode=False)
     config = plan.config
+    shape = LONG_WINDOW_BLOCKS if config.n_local >= LONG_WINDOW else SHORT_WINDOW_BLOCKS
+    unknown = set(blocks) - set(shape)
+    if unknown:
+        raise TypeError(f"lminf triton_prefill: unknown block arguments {sorted(unknown)}")
+    shape = dict(shape, **blocks)
     page_size = kv_cache.shape[2]
     num_tiles, num_queries = group.query_rows.shape
     needed = angles_needed(config, num_queries)
@@ -497,7 +502,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
                       dtype=torch.float32)
     if num_tiles == 0 or num_queries == 0:
         return out
-    block_m = min(block_m, _pow2(num_queries, 16))
+    block_m = min(shape["block_m"], _pow2(num_queries, 16))
     shapes = _shapes(head_dim, rotation)
     keys, values = turn_pages(group, kv_cache, rotation)
     table = rotation.cos_sin
@@ -518,9 +523,9 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         scale * LOG2E,
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, EDGE_BLOCK_N=edge_block_n, EDGE_STAGES=edge_stages,
-        GENERAL_BLOCK_N=general_block_n, FAR_BLOCK_N=far_block_n,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
+        EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=general_block_n,
+        FAR_BLOCK_N=far_block_n, num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )
     return out

@@ -65,9 +65,9 @@ def compile_launch(kernel, args, kwargs):
                           target=H100, options=options)
 
 
-def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16):
+def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16, n_local=4096):
     """The shapes of bench/bench_kernels.py (bf16, 32 query heads, n_local 4096), on CPU."""
-    config = LMInfConfig(n_global=64, n_local=4096, trained_length=4096, page_size=page_size,
+    config = LMInfConfig(n_global=64, n_local=n_local, trained_length=4096, page_size=page_size,
                          max_prefill_chunk_tokens=chunk)
     width = config.num_pinned_pages + config.num_ring_pages
     plan = build_plan(config, np.array([0, chunk]), np.array([position + chunk]),
@@ -84,8 +84,11 @@ def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16):
 
 @pytest.mark.parametrize("module,kernels,case", [
     (triton_prefill, ("turn_pages_kernel", "lambda_prefill_kernel"), (1_000_000, 4096)),
+    # a short window: the other block shape (triton_prefill.SHORT_WINDOW_BLOCKS)
+    (triton_prefill, ("turn_pages_kernel", "lambda_prefill_kernel"), (1_000_000, 4096, 4, 128,
+                                                                       16, 256)),
     (triton_decode, ("lambda_decode_kernel",), (1_000_000, 1)),
-], ids=["prefill", "decode"])
+], ids=["prefill", "prefill_short_window", "decode"])
 def test_kernels_compile_for_h100(module, kernels, case, monkeypatch):
     captured = {name: CapturedKernel(getattr(module, name)) for name in kernels}
     for name, stand_in in captured.items():

@@ -136,9 +136,9 @@ def test_kernels_match_reference(name):
         ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
         # small blocks, so that tiles span several row blocks and every loop of the kernel
         # runs (masked blocks narrower than unmasked ones, as in the defaults); then the
-        # defaults
+        # default shape for this window and the long windows' shape
         for blocks in (dict(block_m=32, block_n=32, edge_block_n=16, general_block_n=16,
-                            far_block_n=16), {}):
+                            far_block_n=16), {}, triton_prefill.LONG_WINDOW_BLOCKS):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
                                               **blocks)
             _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel {blocks}")
@@ -191,6 +191,9 @@ def test_launchers_reject_bad_inputs():
     short = QueryRotation(rotation.cos_sin[:10], rotation.rotary_dim, True)
     with pytest.raises(ValueError, match="with_angles"):
         triton_prefill.attend_group(plan, prefill_group, query, kv_cache, short, 1.0)
+    with pytest.raises(TypeError, match="block_k"):  # a misspelt block argument
+        triton_prefill.attend_group(plan, prefill_group, query, kv_cache, rotation, 1.0,
+                                    block_k=64)
 
 
 if not INTERPRETED:
