@@ -4,7 +4,7 @@
 #
 #   run(command="bash bench/gpu_check.sh [steps]", carry=[".whl", ".gpudata"])
 #
-# steps: any of tests, bench, shapes, xformers, stream (default: all, in that order).
+# steps: any of tests, bench, shapes, ceiling, xformers, stream (default: all, in that order).
 # .whl holds xformers-0.0.35 (pip download, see docs/kernels.md); .gpudata holds val.npy.
 # Everything lands under $OUT (at most 8 files come back): gpu_check.log, the JSON results.
 set -u
@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/lminf_out}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-STEPS="${*:-tests bench shapes xformers stream}"
+STEPS="${*:-tests bench shapes ceiling xformers stream}"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
@@ -38,6 +38,10 @@ if has shapes; then
   echo "== bench_prefill_shapes ==" | tee -a "$LOG"
   timeout 200 python3 bench/bench_prefill_shapes.py --out "$OUT/prefill_block_shapes.json" \
     2>&1 | tee -a "$LOG"
+fi
+if has ceiling; then
+  echo "== triton_ceiling ==" | tee -a "$LOG"
+  timeout 200 python3 bench/triton_ceiling.py --out "$OUT/triton_ceiling.json" 2>&1 | tee -a "$LOG"
 fi
 if has xformers; then
   echo "== bench_xformers_prefill ==" | tee -a "$LOG"
