@@ -9,7 +9,8 @@ exact and capped cases), pages of 16.
   decode:  64 requests at stream lengths >= 1e6. Bytes = K/V bytes of the visible keys
            (64 + 4096 per request) = 1.09 GB; SDPA decodes the same bytes laid out dense.
   prefill: one 4096-token chunk at 1e6 (window full): 4096 x 4160 visible pairs, FLOPs =
-           4 * pairs * head_dim * heads; SDPA runs a dense 4096 x 4160 non-causal block. Also
+           4 * pairs * head_dim * heads, written in bf16 into the step's output as the
+           backend runs it; SDPA runs a dense 4096 x 4160 non-causal block. Also
            the first chunk of a stream (causal 4096) against SDPA is_causal.
   flat:    decode and prefill at stream positions 1e4, 1e6, 1e8, 2e8.
 Times are medians of triton.testing.do_bench (CUDA events); the decode step is also timed as
@@ -129,9 +130,12 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
                              trained_length=trained_length, chunk=chunk)
     scale = HEAD_DIM ** -0.5
 
-    def fn():
+    output = torch.empty_like(q)
+
+    def fn():  # as the backend calls it: each group's rows straight into the step's output
         for group in plan.groups:
-            triton_prefill.attend_group(plan, group, q, kv, rot, scale, **kernel_args)
+            triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output,
+                                        **kernel_args)
 
     def turn_only():
         for group in plan.groups:

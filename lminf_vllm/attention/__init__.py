@@ -41,14 +41,18 @@ def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
     """Attention for every query of the step, written into output [T, H, D].
 
     On CUDA each group goes to a Triton kernel (decode groups, one query per tile, to
-    triton_decode; the rest to triton_prefill); elsewhere to the PyTorch reference. Both read
-    the same plan, so the paths differ only in this call.
+    triton_decode; the rest to triton_prefill, which writes its rows of output directly);
+    elsewhere to the PyTorch reference. Both read the same plan, so the paths differ only in
+    this call.
     """
     if not query.is_cuda:
         reference.attend(plan, query, kv_cache, output, rotation, scale)
         return
     from lminf_vllm.attention import triton_decode, triton_prefill  # triton only on GPU
     for group in plan.groups:
-        kernel = triton_decode if group.query_rows.shape[1] == 1 else triton_prefill
-        result = kernel.attend_group(plan, group, query, kv_cache, rotation, scale)
-        output[group.query_rows] = result.to(output.dtype)
+        if group.query_rows.shape[1] == 1:
+            result = triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale)
+            output[group.query_rows] = result.to(output.dtype)
+        else:
+            triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
+                                        output=output)

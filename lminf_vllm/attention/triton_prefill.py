@@ -303,7 +303,7 @@ def lambda_prefill_kernel(
     # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P]
     rows_ptr, pos_ptr, block_ptr, base_ptr,
     keys_ptr, values_ptr,            # turn_pages_kernel's dense copies
-    out_ptr,                         # [N, T, H, D] float32
+    out_ptr,                         # [N, T, H, D] float32, or the step's [T_all, H, D]
     stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_table,
@@ -329,6 +329,7 @@ def lambda_prefill_kernel(
     EDGE_STAGES: tl.constexpr,       # their pipeline depth (a few blocks per row block)
     GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
     FAR_BLOCK_N: tl.constexpr,       # keys per block of the global pages every row is past
+    TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
 ):
     row_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -431,8 +432,13 @@ def lambda_prefill_kernel(
             HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
 
     d = tl.arange(0, HEAD_DIM_PAD)
-    out = out_ptr + n * stride_on + m[:, None] * stride_ot + head * stride_oh + d[None, :]
-    tl.store(out, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None],
+    if TO_STEP_ROWS:
+        out_row = q_row.to(tl.int64) * stride_ot
+    else:
+        out_row = n * stride_on + m.to(tl.int64) * stride_ot
+    out = out_ptr + out_row[:, None] + head * stride_oh + d[None, :]
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out, result.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
 
@@ -474,11 +480,14 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
-                 scale: float, general_block_n: int = PREFILL_GENERAL_BLOCK_N,
+                 scale: float, output: torch.Tensor | None = None,
+                 general_block_n: int = PREFILL_GENERAL_BLOCK_N,
                  far_block_n: int = PREFILL_FAR_BLOCK_N, **blocks) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
-    query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32.
+    query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32, or,
+    given the step's output [T_all, H, D], writes the group's rows there in its dtype (what
+    the backend does: no float32 copy to convert and scatter afterwards) and returns it.
     rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
     blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length.
     """
@@ -498,8 +507,17 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
                          f"build it with QueryRotation.with_angles({needed})")
     num_pages = group.page_block.shape[1]
     num_heads, head_dim = query.shape[1], query.shape[2]
-    out = torch.empty(num_tiles, num_queries, num_heads, head_dim, device=query.device,
-                      dtype=torch.float32)
+    if output is None:
+        out = torch.empty(num_tiles, num_queries, num_heads, head_dim, device=query.device,
+                          dtype=torch.float32)
+    else:
+        if output.shape != query.shape or output.device != query.device \
+                or not output.is_floating_point() or output.stride(2) != 1:
+            raise ValueError(f"lminf triton_prefill: output must be a floating [T, H, D] "
+                             f"tensor like query {tuple(query.shape)} on {query.device} with "
+                             f"contiguous features, got {tuple(output.shape)} {output.dtype} "
+                             f"on {output.device}")
+        out = output
     if num_tiles == 0 or num_queries == 0:
         return out
     block_m = min(shape["block_m"], _pow2(num_queries, 16))
@@ -518,14 +536,15 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         group.query_rows.stride(0), group.query_position.stride(0),
         group.page_block.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        0 if output is not None else out.stride(0), out.stride(-3), out.stride(-2),
         num_queries, num_pages,
         scale * LOG2E,
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=general_block_n,
-        FAR_BLOCK_N=far_block_n, num_warps=shape["num_warps"], num_stages=shape["num_stages"],
+        FAR_BLOCK_N=far_block_n, TO_STEP_ROWS=output is not None,
+        num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )
     return out

@@ -142,6 +142,16 @@ def test_kernels_match_reference(name):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
                                               **blocks)
             _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel {blocks}")
+        # straight into the step's output rows, in the query's dtype (the backend's call);
+        # rows of other groups are left alone
+        step_output = torch.full_like(query, float("nan"))
+        triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
+                                    output=step_output)
+        _assert_matches(step_output[group.query_rows].float(), ref, group, case["dtype"],
+                        f"{name} prefill kernel into the step's output")
+        others = torch.ones(query.shape[0], dtype=torch.bool)
+        others[group.query_rows.flatten()] = False
+        assert step_output[others].isnan().all(), f"{name}: rows of other groups written"
         if group.query_rows.shape[1] == 1:
             for splits in (1, 3):
                 out = triton_decode.attend_group(plan, group, query, kv_cache, rotation,
@@ -191,6 +201,9 @@ def test_launchers_reject_bad_inputs():
     short = QueryRotation(rotation.cos_sin[:10], rotation.rotary_dim, True)
     with pytest.raises(ValueError, match="with_angles"):
         triton_prefill.attend_group(plan, prefill_group, query, kv_cache, short, 1.0)
+    with pytest.raises(ValueError, match="output must be"):
+        triton_prefill.attend_group(plan, prefill_group, query, kv_cache, rotation, 1.0,
+                                    output=query[:, :1])
     with pytest.raises(TypeError, match="block_k"):  # a misspelt block argument
         triton_prefill.attend_group(plan, prefill_group, query, kv_cache, rotation, 1.0,
                                     block_k=64)
