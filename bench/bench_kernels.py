@@ -228,6 +228,18 @@ def main():
     tested = triton_prefill.attend_group(plan, group, q, kv, rot, scale)
     tuned = triton_prefill.attend_group(plan, group, q, kv, rot, scale, **kernel_args)
     best["rel_diff_vs_tested_defaults"] = ((tuned - tested).norm() / tested.norm()).item()
+    # the step's output written by the kernel vs a float32 result converted and scattered
+    # into it afterwards (what attention.run did before), same chunk, same run
+    output = torch.empty_like(q)
+    into_output = lambda: triton_prefill.attend_group(  # noqa: E731
+        plan, group, q, kv, rot, scale, output=output, **kernel_args)
+
+    def copied():
+        output[group.query_rows] = triton_prefill.attend_group(
+            plan, group, q, kv, rot, scale, **kernel_args).to(output.dtype)
+    results["prefill_output_path"] = dict(into_step_output_ms=bench(into_output, rep=300),
+                                          float32_then_scatter_ms=bench(copied, rep=300))
+    print("prefill output path", results["prefill_output_path"], flush=True)
     results["prefill_first_chunk"] = prefill_bench(0, **kernel_args)
     results["prefill_L8192"] = prefill_bench(1_000_000, trained_length=8192, **kernel_args)
     results["prefill_b32"] = prefill_bench(1_000_000, page_size=32, **kernel_args)
