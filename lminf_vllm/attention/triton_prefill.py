@@ -45,12 +45,12 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # prefill_block_shapes.json): query rows per program, keys per block of the unmasked loop,
 # warps, its pipeline depth, and keys per block and pipeline depth of the masked exact loops
 # (the window's far edge and the diagonal; a mask over a 128 x 128 block spills). 128-row
-# programs pay for their edges (about 128 + 32 masked keys per row) only when the unmasked
-# middle is long: from n_local 4096 on (396 vs 372 TF/s there, 314 vs 335 at 2048, 61 vs
-# 104 at 256).
+# programs pay for their edges (about 128 + 64 masked keys per row) only when the unmasked
+# middle is long: from n_local 4096 on (385-392 vs 379 TF/s there, 310 vs 340 at 2048, 64 vs
+# 109 at 256).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=32, edge_stages=2)
+                          edge_block_n=64, edge_stages=2)
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2)
 # Keys per block where both cases are computed (global pages, the window's oldest pages):
