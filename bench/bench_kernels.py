@@ -221,6 +221,7 @@ def main():
     best = max((r for r in tune if "tflops" in r), key=lambda r: r["tflops"])
     kernel_args = {k: best[k] for k in keys}
     results["prefill_best"] = best
+    results["prefill_best_args"] = kernel_args  # gpu_check.sh hands these to the xformers run
     # the best configuration against the defaults that tests/gpu checks against the reference
     plan, q, kv, rot = setup([(4096, 1_004_096)])
     (group,) = plan.groups

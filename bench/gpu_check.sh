@@ -45,7 +45,7 @@ if has ceiling; then
 fi
 if has xformers; then
   echo "== bench_xformers_prefill ==" | tee -a "$LOG"
-  ARGS=$(python3 -c "import json; b=json.load(open('$OUT/bench_kernels.json'))['prefill_best']; print(json.dumps({k: b[k] for k in ('block_m','block_n','num_warps','num_stages','edge_block_n','edge_stages','general_block_n','far_block_n')}))" 2>/dev/null || echo '{}')
+  ARGS=$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/bench_kernels.json'))['prefill_best_args']))" 2>/dev/null || echo '{}')
   timeout 120 python3 bench/bench_xformers_prefill.py --out "$OUT/bench_xformers.json" \
     --prefill-args "$ARGS" 2>&1 | tail -30 | tee -a "$LOG"
 fi

@@ -64,6 +64,25 @@ def rope_halves(HALF: tl.constexpr, HALF_PAD: tl.constexpr, IS_NEOX: tl.constexp
 
 
 @triton.jit
+def load_stored_keys(src, ok, HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                     PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Keys as stored in their pages (src: each key's address; ok: keys to read, the rest 0):
+    the two members of each rotation pair and the passthrough features (input dtype; k1 as
+    a placeholder when PASS == 0, unused then)."""
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    mask = ok[:, None] & half_ok[None, :]
+    k1 = tl.load(src[:, None] + first[None, :], mask=mask, other=0.0)
+    k2 = tl.load(src[:, None] + second[None, :], mask=mask, other=0.0)
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
+                     mask=ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+    else:
+        kp = k1
+    return k1, k2, kp
+
+
+@triton.jit
 def cos_sin(table_ptr, stride_table, angle, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
     """cos, sin: [len(angle), HALF_PAD] float32 of integer angles (negative: sin flips).
 
@@ -176,15 +195,11 @@ def lambda_decode_kernel(
         # ---- phase 2: load keys, turn them, logits ----
         k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
                   + offset * stride_ks)
-        k_mask = visible[:, None] & half_ok[None, :]
-        k1 = tl.load(k_base[:, None] + first[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        k2 = tl.load(k_base[:, None] + second[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        k1, k2 = rotate(k1, k2, cos, sin)
+        k1, k2, kp = load_stored_keys(k_base, visible, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+        k1, k2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
         s = tl.dot(q1, tl.trans(k1.to(dtype)))
         s += tl.dot(q2, tl.trans(k2.to(dtype)))
         if PASS > 0:
-            kp = tl.load(k_base[:, None] + 2 * HALF + p_idx[None, :],
-                         mask=visible[:, None] & (p_idx < PASS)[None, :], other=0.0)
             s += tl.dot(qp, tl.trans(kp))
         s = tl.where(visible[None, :], s * scale_log2, float("-inf"))
 

@@ -18,13 +18,17 @@ Two launches per group:
    block in the inner loop).
 2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
    queries twice (exact and capped) and visits the keys in the page list's order:
-   * global pages: both cases per pair (`attend_general`); at most n_global keys;
+   * global pages every row is past L for: the capped product alone (`attend_far_global`);
+     the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
      - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases;
      - then the exact case from the dense copy: masked at the window's far edge, unmasked
-       in the middle (plain flash attention: most of a long window), masked on the diagonal.
+       in the middle (plain flash attention: most of a long window), masked on the diagonal
+       (the masked runs in narrower blocks than the unmasked one).
    Loop bounds are computed once per program from t0, t1 and the window's first page, so
-   the unmasked loop has no per-pair mask and no branch.
+   the unmasked loop has no per-pair mask and no branch. The block shape follows the
+   window's length (LONG_WINDOW_BLOCKS / SHORT_WINDOW_BLOCKS). Given the step's output,
+   the kernel writes its rows there in the output's dtype.
 
 Angles reach the tile's length (queries) and -(n_local + B) (keys): the rotation table must
 have `angles_needed(config, T)` rows (QueryRotation.with_angles composes rows past L).
@@ -39,7 +43,8 @@ import triton
 import triton.language as tl
 
 from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
-                                                 per_key, rope_halves, rotate)
+                                                 load_stored_keys, per_key, rope_halves,
+                                                 rotate)
 
 # Block shapes by window length, measured on the H100 (bench/results/bench_kernels.json and
 # prefill_block_shapes.json): query rows per program, keys per block of the unmasked loop,
@@ -48,16 +53,14 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # programs pay for their edges (about 128 + 64 masked keys per row) only when the unmasked
 # middle is long: from n_local 4096 on (385-392 vs 379 TF/s there, 310 vs 340 at 2048, 64 vs
 # 109 at 256).
+# Both shapes share the other two: keys per block where both cases are computed (global
+# pages, the window's oldest pages; two logit blocks live at once there, so 32 keys keep the
+# register peak down) and of the global pages every row is past L (one product per pair).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=64, edge_stages=2)
+                          edge_block_n=64, edge_stages=2, general_block_n=32, far_block_n=64)
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
-                           edge_block_n=32, edge_stages=2)
-# Keys per block where both cases are computed (global pages, the window's oldest pages):
-# two logit blocks live at once there, so smaller blocks keep the register peak down.
-PREFILL_GENERAL_BLOCK_N = 32
-# Keys per block of the global pages every row is past L (one product per pair there).
-PREFILL_FAR_BLOCK_N = 64
+                           edge_block_n=32, edge_stages=2, general_block_n=32, far_block_n=64)
 # Pages one program of turn_pages_kernel turns.
 TURN_PAGES = 8
 # A key farther back than this from the anchor is clamped to it (still far: outside the
@@ -111,10 +114,7 @@ def turn_pages_kernel(
     written = (key_base >= 0) & (key_base + offset <= t_last)   # else: zeros in the copy
     stored = key_page < num_pages
     src = kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh + offset * stride_ks
-    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    k_mask = written[:, None] & half_ok[None, :]
-    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
-    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
+    k1, k2, kp = load_stored_keys(src, written, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     k1t, k2t = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
 
     slot = page_lo * PAGE_SIZE + key
@@ -124,8 +124,6 @@ def turn_pages_kernel(
     tl.store(dst[:, None] + HALF_PAD + h[None, :], k2t.to(k1.dtype), mask=stored[:, None])
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
-        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
-                     mask=written[:, None] & (p_idx < PASS)[None, :], other=0.0)
         tl.store(dst[:, None] + 2 * HALF_PAD + p_idx[None, :], kp, mask=stored[:, None])
     d = tl.arange(0, HEAD_DIM_PAD)
     v = tl.load(src[:, None] + HEAD_DIM + d[None, :],
@@ -208,16 +206,10 @@ def stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, slot, key_ok,
     block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
     src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
            + (slot % PAGE_SIZE) * stride_ks)
-    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    k_mask = key_ok[:, None] & half_ok[None, :]
-    k1 = tl.load(src[:, None] + first[None, :], mask=k_mask, other=0.0)
-    k2 = tl.load(src[:, None] + second[None, :], mask=k_mask, other=0.0)
+    k1, k2, kp = load_stored_keys(src, key_ok, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     s = tl.dot(qc1, tl.trans(k1))
     s = tl.dot(qc2, tl.trans(k2), s)
     if PASS > 0:
-        p_idx = tl.arange(0, PASS_PAD)
-        kp = tl.load(src[:, None] + 2 * HALF + p_idx[None, :],
-                     mask=key_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
         s = tl.dot(qp, tl.trans(kp), s)
     return s
 
@@ -480,9 +472,7 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
-                 scale: float, output: torch.Tensor | None = None,
-                 general_block_n: int = PREFILL_GENERAL_BLOCK_N,
-                 far_block_n: int = PREFILL_FAR_BLOCK_N, **blocks) -> torch.Tensor:
+                 scale: float, output: torch.Tensor | None = None, **blocks) -> torch.Tensor:
     """Prefill Λ-attention of one group; same contract as reference.attend_group.
 
     query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32, or,
@@ -542,8 +532,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         config.n_global, config.n_local, config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
-        EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=general_block_n,
-        FAR_BLOCK_N=far_block_n, TO_STEP_ROWS=output is not None,
+        EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
+        FAR_BLOCK_N=shape["far_block_n"], TO_STEP_ROWS=output is not None,
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )
