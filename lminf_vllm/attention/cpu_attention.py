@@ -61,8 +61,9 @@ class TileBatch:
     key_cos/sin:     [n, P, 1, rot / 2] turn of each page's keys into the tile frame (b_p - r)
     near_cos/sin:    [n, T, 1, rot / 2] turn of each query into the tile frame (own base - r)
     far_cos/sin:     [n, T, 1, rot / 2] turn of each query to L - (t mod B)
-    unseen:          [n, P * B] bool, key slots no query of the tile sees (zeroed when
-                     gathered: an unwritten or evicted slot may hold anything)
+    unseen_slots:    [U] flat indices into the n * P * B gathered slots that no query of
+                     its tile sees (zeroed when gathered: such a slot may hold anything,
+                     and a zero weight on a NaN still poisons the sum)
     near_mask:       [n, 1, T, P * B] additive (0 / -inf), visible and near
     far_mask:        [n, 1, T, F * B] additive over the first F page columns, visible and far
     far_row_bias:    [n, 1, T] 0 where a query sees a far key, -inf where it sees none
@@ -76,7 +77,7 @@ class TileBatch:
     near_sin: torch.Tensor
     far_cos: torch.Tensor
     far_sin: torch.Tensor
-    unseen: torch.Tensor
+    unseen_slots: torch.Tensor
     near_mask: torch.Tensor
     far_mask: torch.Tensor | None
     far_row_bias: torch.Tensor | None
@@ -144,7 +145,7 @@ def _prepare_batch(config, group: TileGroup, sel: slice, rotation: QueryRotation
         blocks=group.page_block[sel].reshape(-1),
         key_cos=key_cos, key_sin=key_sin, near_cos=near_cos, near_sin=near_sin,
         far_cos=far_cos, far_sin=far_sin,
-        unseen=~visible.any(dim=1),
+        unseen_slots=(~visible.any(dim=1)).view(-1).nonzero().view(-1),
         near_mask=_additive(visible & near)[:, None],
         far_mask=far_mask, far_row_bias=far_row_bias)
 
@@ -196,8 +197,9 @@ def _attend_batch(step: CpuStep, batch: TileBatch, query: torch.Tensor,
                         kv_cache.dtype)
     for head in range(num_kv_heads):
         torch.index_select(kv_cache[:, head], 0, batch.blocks, out=pages[head])
-    pages = pages.view(num_kv_heads, n, num_keys, width).float()
-    pages.masked_fill_(batch.unseen[None, :, :, None], 0.0)
+    pages = pages.view(num_kv_heads, n * num_keys, width).float()
+    pages.index_fill_(1, batch.unseen_slots, 0.0)
+    pages = pages.view(num_kv_heads, n, num_keys, width)
     stored_keys, values = pages[..., :head_dim], pages[..., head_dim:]
 
     page_view = lambda x: x.view(num_kv_heads, n, -1, page_size, head_dim)
