@@ -59,7 +59,8 @@ class TileBatch:
     rows:            [n * T] query rows of the step
     blocks:          [n * P] physical pages, tile-major
     key_cos/sin:     [n, P, 1, rot / 2] turn of each page's keys into the tile frame (b_p - r)
-    near_cos/sin:    [n, T, 1, rot / 2] turn of each query into the tile frame (own base - r)
+    near_cos/sin:    [n, T, 1, rot / 2] turn of each query into the tile frame (own base - r),
+                     None when every query is on the tile's first page (a decode tile)
     far_cos/sin:     [n, T, 1, rot / 2] turn of each query to L - (t mod B)
     unseen_slots:    [U] flat indices into the n * P * B gathered slots that no query of
                      its tile sees (zeroed when gathered: such a slot may hold anything,
@@ -73,8 +74,8 @@ class TileBatch:
     blocks: torch.Tensor
     key_cos: torch.Tensor
     key_sin: torch.Tensor
-    near_cos: torch.Tensor
-    near_sin: torch.Tensor
+    near_cos: torch.Tensor | None
+    near_sin: torch.Tensor | None
     far_cos: torch.Tensor
     far_sin: torch.Tensor
     unseen_slots: torch.Tensor
@@ -123,7 +124,10 @@ def _prepare_batch(config, group: TileGroup, sel: slice, rotation: QueryRotation
     own_base = rope_frame.page_base(rope_frame.logical_page(position, page_size), page_size)
     far_angle = trained_length - rope_frame.key_frame_position(position, page_size)
     key_cos, key_sin = rotation.cos_sin_of(key_angle[:, :, None])
-    near_cos, near_sin = rotation.cos_sin_of((own_base - tile_base)[:, :, None])
+    near_angle = own_base - tile_base
+    near_cos = near_sin = None
+    if bool(near_angle.any()):
+        near_cos, near_sin = rotation.cos_sin_of(near_angle[:, :, None])
     far_cos, far_sin = rotation.cos_sin_of(far_angle[:, :, None])
 
     key_position = (page_base[:, :, None] + torch.arange(page_size)).view(n, 1, -1)
@@ -208,8 +212,10 @@ def _attend_batch(step: CpuStep, batch: TileBatch, query: torch.Tensor,
                 rotation.is_neox_style)
 
     q = query[batch.rows].float().view(n, num_queries, num_heads, head_dim)
-    q_near = torch.empty_like(q)
-    rotate_into(q_near, q, batch.near_cos, batch.near_sin, rotation.is_neox_style)
+    q_near = q
+    if batch.near_cos is not None:
+        q_near = torch.empty_like(q)
+        rotate_into(q_near, q, batch.near_cos, batch.near_sin, rotation.is_neox_style)
     heads_first = lambda x: x.transpose(0, 1)                       # [Hkv, n, ..] -> [n, Hkv, ..]
     out, lse = _flash_attention(q_near.transpose(1, 2), heads_first(near_keys),
                                 heads_first(values), attn_mask=batch.near_mask, scale=scale)

@@ -117,4 +117,5 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torc
     y1.addcmul_(x2, sin, value=-1.0)
     torch.mul(x2, cos, out=y2)
     y2.addcmul_(x1, sin)
-    out[..., rotary_dim:] = x[..., rotary_dim:]
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:] = x[..., rotary_dim:]
