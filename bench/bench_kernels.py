@@ -8,6 +8,8 @@ n_local 4096, L 4096 (Llama-2's trained length; window = L, so the oldest window
 exact and capped cases), pages of 16.
   decode:  64 requests at stream lengths >= 1e6. Bytes = K/V bytes of the visible keys
            (64 + 4096 per request) = 1.09 GB; SDPA decodes the same bytes laid out dense.
+           Tuning over keys per block x warps x pipeline depth x slices; then batch 1 and 8
+           (latency per layer, where launches rule), each beside SDPA on the same bytes.
   prefill: one 4096-token chunk at 1e6 (window full): 4096 x 4160 visible pairs, FLOPs =
            4 * pairs * head_dim * heads, written in bf16 into the step's output as the
            backend runs it; SDPA runs a dense 4096 x 4160 non-causal block. Also
@@ -72,6 +74,23 @@ def visible_keys(t):
     return min(t + 1, N_LOCAL) + min(N_GLOBAL, max(0, t + 1 - N_LOCAL))
 
 
+# (keys per block, warps, pipeline depth, slices): the H100's best first (128, 4, 3, auto);
+# deeper pipelines keep 1 (depth 5 at 128 keys), 2 (depth 5-6 at 64) or 3 (depth 7 at 64,
+# depth 8 at 32) blocks of keys and values in flight per program (sm_90 compile).
+DECODE_CONFIGS = [(128, 4, 3, None), (128, 4, 5, None), (64, 4, 5, None), (64, 4, 7, None),
+                  (128, 8, 5, None), (64, 8, 5, None), (32, 4, 8, None), (128, 4, 3, 2),
+                  (128, 4, 5, 2), (64, 4, 5, 2), (64, 4, 7, 2), (32, 4, 8, 2), (128, 8, 3, None),
+                  (64, 4, 3, None)]
+PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
+                "general_block_n", "general_stages", "far_block_n", "turn_pages")
+# the long-window default first; then one knob at a time
+PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 2),
+                   (128, 128, 8, 3, 64, 2, 32, 1, 64, 4), (128, 128, 8, 3, 64, 2, 32, 2, 64, 8),
+                   (128, 128, 8, 3, 64, 2, 64, 2, 64, 8), (128, 128, 8, 3, 64, 3, 32, 1, 64, 8),
+                   (128, 128, 8, 4, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 1, 32, 1, 64, 8),
+                   (128, 64, 8, 3, 64, 2, 32, 1, 64, 8)]
+
+
 def registers(launch):
     """Registers per thread and spilled bytes of a compiled Triton launch."""
     return dict(n_regs=getattr(launch, "n_regs", None), n_spills=getattr(launch, "n_spills", None))
@@ -112,7 +131,7 @@ def decode_bench(position, batch=64, page_size=16, **kernel_args):
                 **registers(triton_decode.LAST_LAUNCH))
 
 
-def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):
+def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):  # noqa: D103
     q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
     k = torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=DTYPE)
     v = torch.randn_like(k)
@@ -137,9 +156,11 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
             triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output,
                                         **kernel_args)
 
+    shape = dict(triton_prefill.block_shape(plan.config, DTYPE), **kernel_args)
+
     def turn_only():
         for group in plan.groups:
-            triton_prefill.turn_pages(group, kv, rot)
+            triton_prefill.turn_pages(group, kv, rot, shape["turn_pages"])
 
     pairs = sum(visible_keys(t) for t in range(position, position + chunk))
     flops = 4 * pairs * HEAD_DIM * HEADS
@@ -181,18 +202,31 @@ def main():
     results["sdpa_decode"] = sdpa_decode_bench()
     print("sdpa decode", results["sdpa_decode"], flush=True)
     tune = []
-    for block_keys in (64, 128, 256):
-        for splits in (None, 2):
-            r = decode_bench(1_000_000, block_keys=block_keys, num_splits=splits)
-            tune.append(r)
-            print("decode", r, flush=True)
+    for block_keys, warps, stages, splits in DECODE_CONFIGS[: 4 if args.quick else None]:
+        r = decode_bench(1_000_000, block_keys=block_keys, num_warps=warps, num_stages=stages,
+                         num_splits=splits)
+        r["vs_sdpa_graph"] = r["tb_per_s_graph"] / results["sdpa_decode"]["tb_per_s_graph"]
+        tune.append(r)
+        print("decode", r, flush=True)
     results["decode_tuning"] = tune
     best = max(tune, key=lambda r: r["tb_per_s_graph"])
     results["decode_best"] = best
-    results["decode_b32"] = decode_bench(1_000_000, page_size=32,
-                                         block_keys=best["block_keys"],
-                                         num_splits=best["num_splits"])
+    results["decode_default"] = decode_bench(1_000_000)
+    print("decode defaults", results["decode_default"], flush=True)
+    best_args = {k: best[k] for k in ("block_keys", "num_warps", "num_stages", "num_splits")}
+    results["decode_b32"] = decode_bench(1_000_000, page_size=32, **best_args)
     print("decode B=32", results["decode_b32"], flush=True)
+    results["sdpa_decode_again"] = sdpa_decode_bench()  # SDPA's spread within the run
+    # small batches: launch overhead and too few programs rule; per layer, graph-replayed
+    small = []
+    for batch in (1, 8):
+        for args_ in ({}, best_args | {"num_splits": None}):
+            r = decode_bench(1_000_000, batch=batch, **args_)
+            r["sdpa_dense"] = sdpa_decode_bench(batch=batch)
+            r["us_per_layer_graph"] = 1e3 * r["ms_graph"]
+            small.append(r)
+            print(f"decode batch {batch}", r, flush=True)
+    results["decode_small_batch"] = small
     save()
 
     # ---- prefill ----
@@ -201,14 +235,8 @@ def main():
     print("sdpa prefill", results["sdpa_prefill_window"], results["sdpa_prefill_causal"],
           flush=True)
     tune = []
-    keys = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
-            "general_block_n", "far_block_n")
-    configs = [(128, 128, 8, 3, 64, 2, 32, 64), (128, 128, 8, 3, 64, 1, 32, 64),
-               (128, 128, 8, 3, 32, 2, 32, 64), (128, 128, 8, 3, 64, 2, 32, 32),
-               (128, 128, 8, 3, 64, 2, 16, 64), (128, 128, 8, 2, 64, 2, 32, 64),
-               (128, 64, 8, 3, 64, 2, 32, 64), (64, 64, 4, 3, 64, 1, 32, 64)]
-    if args.quick:
-        configs = configs[:2]
+    keys = PREFILL_KEYS
+    configs = PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS
     for config in configs:
         kernel_args = dict(zip(keys, config))
         try:
@@ -249,7 +277,7 @@ def main():
     save()
 
     # ---- flat cost ----
-    dec_args = {k: results["decode_best"][k] for k in ("block_keys", "num_splits")}
+    dec_args = best_args
     flat = []
     for position in (10_000, 1_000_000, 100_000_000, 200_000_000):
         d = decode_bench(position, **dec_args)
@@ -270,7 +298,13 @@ def main():
     print("\n== summary (bf16, 32/8 heads, d128, n_global 64, n_local 4096) ==")
     print(f"decode  SDPA dense {sd['tb_per_s_graph']:.2f} TB/s | Λ paged {bd['tb_per_s_graph']:.2f}"
           f" TB/s (graph; eager {bd['tb_per_s']:.2f}) -> {bd['tb_per_s_graph']/sd['tb_per_s_graph']:.0%}"
-          f" [block_keys {bd['block_keys']}, splits {bd['num_splits']}]")
+          f" [block_keys {bd['block_keys']}, warps {bd['num_warps']}, stages {bd['num_stages']},"
+          f" splits {bd['num_splits']}]; defaults {results['decode_default']['tb_per_s_graph']:.2f}"
+          f" TB/s")
+    for r in results["decode_small_batch"]:
+        print(f"decode batch {r['batch']:>2} {r.get('block_keys')}/{r.get('num_stages')}: "
+              f"{r['us_per_layer_graph']:.1f} us per layer (graph; eager {1e3 * r['ms']:.1f}); "
+              f"SDPA dense {1e3 * r['sdpa_dense']['ms_graph']:.1f} us")
     print(f"prefill SDPA window {sw['tflops']:.0f} TF/s | Λ {bp['tflops']:.0f} TF/s -> "
           f"{bp['tflops']/sw['tflops']:.0%}; first chunk Λ {fc['tflops']:.0f} vs SDPA causal "
           f"{sc['tflops']:.0f} TF/s")
