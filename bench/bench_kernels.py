@@ -79,16 +79,14 @@ def visible_keys(t):
 # depth 8 at 32) blocks of keys and values in flight per program (sm_90 compile).
 DECODE_CONFIGS = [(128, 4, 3, None), (128, 4, 5, None), (64, 4, 5, None), (64, 4, 7, None),
                   (128, 8, 5, None), (64, 8, 5, None), (32, 4, 8, None), (128, 4, 3, 2),
-                  (128, 4, 5, 2), (64, 4, 5, 2), (64, 4, 7, 2), (32, 4, 8, 2), (128, 8, 3, None),
-                  (64, 4, 3, None)]
+                  (128, 4, 5, 2), (64, 4, 7, 2), (128, 8, 3, None)]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
 # the long-window default first; then one knob at a time
 PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 2),
                    (128, 128, 8, 3, 64, 2, 32, 1, 64, 4), (128, 128, 8, 3, 64, 2, 32, 2, 64, 8),
                    (128, 128, 8, 3, 64, 2, 64, 2, 64, 8), (128, 128, 8, 3, 64, 3, 32, 1, 64, 8),
-                   (128, 128, 8, 4, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 1, 32, 1, 64, 8),
-                   (128, 64, 8, 3, 64, 2, 32, 1, 64, 8)]
+                   (128, 128, 8, 4, 64, 2, 32, 1, 64, 8)]
 
 
 def registers(launch):

@@ -34,7 +34,7 @@ if has tests; then
 fi
 if has bench; then
   echo "== bench_kernels ==" | tee -a "$LOG"
-  timeout 300 python3 bench/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$LOG"
+  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$LOG"
 fi
 if has shapes; then
   echo "== bench_prefill_shapes ==" | tee -a "$LOG"
