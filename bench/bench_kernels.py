@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lminf_vllm.attention import (build_plan, plan_tile_queries, rotation_for,  # noqa: E402
-                                  triton_decode, triton_prefill)
+from lminf_vllm.attention import (build_plan, plan_tile_queries, reference,  # noqa: E402
+                                  rotation_for, triton_decode, triton_prefill)
 from lminf_vllm.attention.rotation import QueryRotation  # noqa: E402
 from lminf_vllm.config import LMInfConfig  # noqa: E402
 
@@ -74,12 +74,27 @@ def visible_keys(t):
     return min(t + 1, N_LOCAL) + min(N_GLOBAL, max(0, t + 1 - N_LOCAL))
 
 
-# (keys per block, warps, pipeline depth, slices): the H100's best first (128, 4, 3, auto);
-# deeper pipelines keep 1 (depth 5 at 128 keys), 2 (depth 5-6 at 64) or 3 (depth 7 at 64,
-# depth 8 at 32) blocks of keys and values in flight per program (sm_90 compile).
-DECODE_CONFIGS = [(128, 4, 3, None), (128, 4, 5, None), (64, 4, 5, None), (64, 4, 7, None),
-                  (128, 8, 5, None), (64, 8, 5, None), (32, 4, 8, None), (128, 4, 3, 2),
-                  (128, 4, 5, 2), (64, 4, 7, 2), (128, 8, 3, None)]
+# Decode configurations (triton_decode.DECODE_BLOCKS keys and num_splits), the H100's best
+# first (128 keys, 4 warps, 3 stages, keys turned in float32). Measured on the H200
+# (2026-12-01 20:40 run): deeper pipelines (depth 5-8, 1-3 blocks in flight per program) and
+# 8 warps ran at 1.5-2.4 TB/s against 3.48 for it: they leave one program per SM (shared
+# memory or registers), and the loop's arithmetic, not the loads, is what a program waits
+# on. So the candidates here raise programs per SM instead: keys turned in the input dtype
+# (packed bf16: fewer registers), register caps (maxnreg), 2-warp programs, smaller blocks.
+DECODE_CONFIGS = [
+    dict(block_keys=128, num_warps=4, num_stages=3),
+    dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=True),
+    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True),
+    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True, maxnreg=128),
+    dict(block_keys=64, num_warps=4, num_stages=3, turn_in_input_dtype=True, maxnreg=128),
+    dict(block_keys=64, num_warps=4, num_stages=2, turn_in_input_dtype=True, maxnreg=128),
+    dict(block_keys=64, num_warps=4, num_stages=3, maxnreg=128),
+    dict(block_keys=64, num_warps=2, num_stages=3),
+    dict(block_keys=64, num_warps=2, num_stages=3, turn_in_input_dtype=True),
+    dict(block_keys=32, num_warps=2, num_stages=3, turn_in_input_dtype=True),
+    dict(block_keys=128, num_warps=4, num_stages=3, num_splits=2),
+    dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=True, num_splits=2),
+]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
 # the long-window default first; then one knob at a time
@@ -129,7 +144,18 @@ def decode_bench(position, batch=64, page_size=16, **kernel_args):
                 **registers(triton_decode.LAST_LAUNCH))
 
 
-def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):  # noqa: D103
+def decode_error(batch=8, **kernel_args):
+    """‖out - ref‖ / ‖ref‖ of the decode kernel against reference.attend_group (float32 math
+    on the same bf16 inputs), requests at ~1e6."""
+    plan, q, kv, rot = setup([(1, 1_000_000 + 997 * i) for i in range(batch)], chunk=1)
+    (group,) = plan.groups
+    scale = HEAD_DIM ** -0.5
+    ref = reference.attend_group(plan, group, q, kv, rot, scale)
+    out = triton_decode.attend_group(plan, group, q, kv, rot, scale, **kernel_args)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):
     q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
     k = torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=DTYPE)
     v = torch.randn_like(k)
@@ -185,6 +211,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer tuning configurations")
+    parser.add_argument("--decode-only", action="store_true", help="the decode part alone")
     args = parser.parse_args()
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -200,9 +227,9 @@ def main():
     results["sdpa_decode"] = sdpa_decode_bench()
     print("sdpa decode", results["sdpa_decode"], flush=True)
     tune = []
-    for block_keys, warps, stages, splits in DECODE_CONFIGS[: 4 if args.quick else None]:
-        r = decode_bench(1_000_000, block_keys=block_keys, num_warps=warps, num_stages=stages,
-                         num_splits=splits)
+    for config in DECODE_CONFIGS[: 4 if args.quick else None]:
+        r = decode_bench(1_000_000, **config)
+        r["rel_err_vs_reference_b8"] = decode_error(**config)
         r["vs_sdpa_graph"] = r["tb_per_s_graph"] / results["sdpa_decode"]["tb_per_s_graph"]
         tune.append(r)
         print("decode", r, flush=True)
@@ -211,14 +238,15 @@ def main():
     results["decode_best"] = best
     results["decode_default"] = decode_bench(1_000_000)
     print("decode defaults", results["decode_default"], flush=True)
-    best_args = {k: best[k] for k in ("block_keys", "num_warps", "num_stages", "num_splits")}
+    best_args = {k: best[k] for k in set(triton_decode.DECODE_BLOCKS) | {"num_splits"}
+                 if k in best}
     results["decode_b32"] = decode_bench(1_000_000, page_size=32, **best_args)
     print("decode B=32", results["decode_b32"], flush=True)
     results["sdpa_decode_again"] = sdpa_decode_bench()  # SDPA's spread within the run
     # small batches: launch overhead and too few programs rule; per layer, graph-replayed
     small = []
     for batch in (1, 8):
-        for args_ in ({}, best_args | {"num_splits": None}):
+        for args_ in ({}, dict(best_args, num_splits=None)):
             r = decode_bench(1_000_000, batch=batch, **args_)
             r["sdpa_dense"] = sdpa_decode_bench(batch=batch)
             r["us_per_layer_graph"] = 1e3 * r["ms_graph"]
@@ -226,6 +254,15 @@ def main():
             print(f"decode batch {batch}", r, flush=True)
     results["decode_small_batch"] = small
     save()
+    if args.decode_only:
+        for r in tune:
+            print(f"decode {r['tb_per_s_graph']:.2f} TB/s graph ({r['vs_sdpa_graph']:.0%} of SDPA)"
+                  f" regs {r['n_regs']} spills {r['n_spills']} err {r['rel_err_vs_reference_b8']:.1e}: "
+                  f"{ {k: r[k] for k in r if k in best_args} }")
+        for r in small:
+            print(f"decode batch {r['batch']:>2}: {r['us_per_layer_graph']:.1f} us per layer "
+                  f"(graph); SDPA dense {1e3 * r['sdpa_dense']['ms_graph']:.1f} us")
+        return
 
     # ---- prefill ----
     results["sdpa_prefill_window"] = sdpa_prefill_bench(4096, N_GLOBAL + N_LOCAL, False)
@@ -296,9 +333,7 @@ def main():
     print("\n== summary (bf16, 32/8 heads, d128, n_global 64, n_local 4096) ==")
     print(f"decode  SDPA dense {sd['tb_per_s_graph']:.2f} TB/s | Λ paged {bd['tb_per_s_graph']:.2f}"
           f" TB/s (graph; eager {bd['tb_per_s']:.2f}) -> {bd['tb_per_s_graph']/sd['tb_per_s_graph']:.0%}"
-          f" [block_keys {bd['block_keys']}, warps {bd['num_warps']}, stages {bd['num_stages']},"
-          f" splits {bd['num_splits']}]; defaults {results['decode_default']['tb_per_s_graph']:.2f}"
-          f" TB/s")
+          f" {best_args}; defaults {results['decode_default']['tb_per_s_graph']:.2f} TB/s")
     for r in results["decode_small_batch"]:
         print(f"decode batch {r['batch']:>2} {r.get('block_keys')}/{r.get('num_stages')}: "
               f"{r['us_per_layer_graph']:.1f} us per layer (graph; eager {1e3 * r['ms']:.1f}); "

@@ -40,10 +40,12 @@ import triton.language as tl
 # Keys per inner-loop block, warps and pipeline depth (see the module docstring for why the
 # depth matters), measured on the H200 against the H100's earlier best (128 keys, 4 warps,
 # 3 stages); bench/results/bench_kernels.json, decode_tuning.
-DECODE_BLOCKS = dict(block_keys=128, num_warps=4, num_stages=3)
+DECODE_BLOCKS = dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=False,
+                     maxnreg=None)
 # float32 operands (IEEE products): 32-key blocks fit without spills (sm_90 compile: 255
 # registers, 60 KB of shared memory; 64 keys spill).
-FLOAT32_DECODE_BLOCKS = dict(block_keys=32, num_warps=4, num_stages=3)
+FLOAT32_DECODE_BLOCKS = dict(block_keys=32, num_warps=4, num_stages=3, turn_in_input_dtype=False,
+                             maxnreg=None)
 # Programs the launcher aims for per multiprocessor, reached by splitting each request's
 # pages when batch * KV heads alone is smaller.
 PROGRAMS_PER_SM = 4
@@ -164,6 +166,7 @@ def lambda_decode_kernel(
     IS_NEOX: tl.constexpr,
     BLOCK_N: tl.constexpr,           # keys per inner block (a multiple of B)
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: row query_rows, its dtype
+    TURN_IN_INPUT_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -212,6 +215,8 @@ def lambda_decode_kernel(
                             mask=block_page < page_hi, other=-1)
         angle = tl.minimum(t - page_base, trained_length) - t_in_page
         cos, sin = cos_sin(table_ptr, stride_table, -angle, HALF, HALF_PAD)
+        if TURN_IN_INPUT_DTYPE:
+            cos, sin = cos.to(dtype), sin.to(dtype)
         cos = per_key(cos, PAGE_SIZE, BLOCK_N, HALF_PAD)
         sin = per_key(sin, PAGE_SIZE, BLOCK_N, HALF_PAD)
 
@@ -219,7 +224,10 @@ def lambda_decode_kernel(
         k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
                   + offset * stride_ks)
         k1, k2, kp = load_stored_keys(k_base, visible, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-        k1, k2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
+        if TURN_IN_INPUT_DTYPE:
+            k1, k2 = rotate(k1, k2, cos, sin)
+        else:
+            k1, k2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
         s = dot(q1, tl.trans(k1.to(dtype)))
         s = dot(q2, tl.trans(k2.to(dtype)), s)
         if PASS > 0:
@@ -415,7 +423,9 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         HALF=half, HALF_PAD=_pow2(half, 16),
         PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
         IS_NEOX=bool(rotation.is_neox_style), BLOCK_N=block_keys, TO_STEP_ROWS=to_step_rows,
+        TURN_IN_INPUT_DTYPE=shape["turn_in_input_dtype"],
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
+        **({"maxnreg": shape["maxnreg"]} if shape["maxnreg"] else {}),
     )
     if to_step_rows:
         return output

@@ -23,7 +23,7 @@ H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 232448
 TENSOR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
                 torch.int64: "*i64", torch.int32: "*i32"}
-OPTIONS = ("num_warps", "num_stages")
+OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 class CapturedKernel:
