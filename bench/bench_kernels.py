@@ -83,17 +83,15 @@ def visible_keys(t):
 # (packed bf16: fewer registers), register caps (maxnreg), 2-warp programs, smaller blocks.
 DECODE_CONFIGS = [
     dict(block_keys=128, num_warps=4, num_stages=3),
-    dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=True),
     dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True),
-    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True, maxnreg=128),
-    dict(block_keys=64, num_warps=4, num_stages=3, turn_in_input_dtype=True, maxnreg=128),
-    dict(block_keys=64, num_warps=4, num_stages=2, turn_in_input_dtype=True, maxnreg=128),
-    dict(block_keys=64, num_warps=4, num_stages=3, maxnreg=128),
+    dict(block_keys=128, num_warps=4, num_stages=2),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True),
+    dict(block_keys=64, num_warps=2, num_stages=2),
     dict(block_keys=64, num_warps=2, num_stages=3),
-    dict(block_keys=64, num_warps=2, num_stages=3, turn_in_input_dtype=True),
-    dict(block_keys=32, num_warps=2, num_stages=3, turn_in_input_dtype=True),
-    dict(block_keys=128, num_warps=4, num_stages=3, num_splits=2),
-    dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=True, num_splits=2),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True, maxnreg=160),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True, num_splits=2),
+    dict(block_keys=64, num_warps=2, num_stages=3, num_splits=2),
+    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True, num_splits=2),
 ]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")

@@ -5,7 +5,7 @@
 #   run(command="bash bench/gpu_check.sh [steps]", carry=[".whl", ".gpudata"])
 #
 # steps: any of tests, bench, shapes, ceiling, xformers, stream, throughput (default: all, in
-# that order). throughput: the stream runner's 1B-class random Llama, Λ at 1e4/1e6/1e7 vs
+# that order). throughput: the stream runner's 1B-class random Llama, Λ at 1e7/1e6/1e4 vs
 # dense SDPA at L (THROUGHPUT_ARGS adds arguments).
 # .whl holds xformers-0.0.35 (pip download, see docs/kernels.md); .gpudata holds val.npy.
 # Everything lands under $OUT (at most 8 files come back): gpu_check.log, the JSON results.
@@ -69,7 +69,7 @@ fi
 if has throughput; then
   echo "== stream_runner throughput (random 1B-class Llama) ==" | tee -a "$LOG"
   timeout "${THROUGHPUT_TIMEOUT:-300}" python3 bench/stream_runner.py --random-model 1b \
-    --throughput 1e4,1e6,1e7 --out "$OUT/stream_1b_throughput.json" ${THROUGHPUT_ARGS:-} \
+    --throughput 1e7,1e6,1e4 --out "$OUT/stream_1b_throughput.json" ${THROUGHPUT_ARGS:-} \
     2>&1 | tail -30 | tee -a "$LOG"
 fi
 date -u | tee -a "$LOG"
