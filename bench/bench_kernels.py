@@ -244,7 +244,11 @@ def main():
     # small batches: launch overhead and too few programs rule; per layer, graph-replayed
     small = []
     for batch in (1, 8):
-        for args_ in ({}, dict(best_args, num_splits=None)):
+        # the defaults (slices for PROGRAMS_PER_SM programs per SM), the best batch-64
+        # shape, and twice the defaults' slices (more small programs per SM)
+        auto = max(1, min(-(-(N_GLOBAL // 16 + N_LOCAL // 16 + 1) // 4),
+                          triton_decode.PROGRAMS_PER_SM * 132 // (batch * KV_HEADS)))
+        for args_ in ({}, dict(best_args, num_splits=None), dict(num_splits=2 * auto)):
             r = decode_bench(1_000_000, batch=batch, **args_)
             r["sdpa_dense"] = sdpa_decode_bench(batch=batch)
             r["us_per_layer_graph"] = 1e3 * r["ms_graph"]
@@ -258,7 +262,8 @@ def main():
                   f" regs {r['n_regs']} spills {r['n_spills']} err {r['rel_err_vs_reference_b8']:.1e}: "
                   f"{ {k: r[k] for k in r if k in best_args} }")
         for r in small:
-            print(f"decode batch {r['batch']:>2}: {r['us_per_layer_graph']:.1f} us per layer "
+            print(f"decode batch {r['batch']:>2} splits {r.get('num_splits')}: "
+                  f"{r['us_per_layer_graph']:.1f} us per layer "
                   f"(graph); SDPA dense {1e3 * r['sdpa_dense']['ms_graph']:.1f} us")
         return
 

@@ -30,7 +30,7 @@ fi
 if has tests; then
   echo "== tests/gpu ==" | tee -a "$LOG"
   LMINF_GPU_RESULTS="$OUT/gpu_correctness.jsonl" timeout "${TESTS_TIMEOUT:-300}" \
-    python3 -m pytest -q -n 8 -p no:cacheprovider tests/gpu 2>&1 | tail -40 | tee -a "$LOG"
+    python3 -m pytest -q -n "${TESTS_WORKERS:-8}" -p no:cacheprovider ${TESTS_PATHS:-tests/gpu} 2>&1 | tail -40 | tee -a "$LOG"
 fi
 if has bench; then
   echo "== bench_kernels ==" | tee -a "$LOG"

@@ -31,6 +31,7 @@ model with random weights drawn on the device):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -421,13 +422,17 @@ def decode_graph_check(cache: LambdaCache, val, steps: int, prefill: int, log):
 
 
 def timed(fn, repeats: int) -> float:
-    """Seconds per call of fn (device synchronised around the repeats)."""
+    """Median seconds per call of fn, each call synchronised (one-off stalls, such as the
+    release of an earlier graph's memory, do not move it)."""
+    gc.collect()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    times = []
     for i in range(repeats):
+        t0 = time.perf_counter()
         fn(i)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int,
@@ -438,7 +443,7 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
     `position` and runs up to it (the ring then holds the window's real keys, as a stream
     that had run all the way would); time: `chunks` chunks from `position` (host planning
     included), then `decode_steps` graph-replayed decode steps after them (plan refreshed
-    per step), and the same graph replayed alone.
+    per step), and the same graph replayed alone; medians per chunk and per step.
     """
     device = cache.model.device
     vocab = cache.model.w["embed_tokens.weight"].shape[0]
@@ -455,6 +460,7 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
     ids = tokens(decode_steps)
     decode_s = timed(lambda i: graph.step(at + i, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
+    del graph
     result = dict(position=position, prefill_tokens_per_s=chunk / prefill_s,
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=at,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
@@ -482,6 +488,7 @@ def throughput_dense(dense: DenseCache, chunk: int, chunks: int, decode_steps: i
     ids = torch.randint(0, vocab, (decode_steps,), generator=g, device=device)
     decode_s = timed(lambda i: graph.step(length - 1, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
+    del graph
     result = dict(prompt_tokens=length, prefill_tokens_per_s=length / prefill_s,
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=length - 1,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
@@ -530,7 +537,7 @@ def main():
                         help="comma-separated stream positions: prefill and decode tokens/s "
                              "there (chunk = L) against the dense SDPA baseline at L, instead "
                              "of the perplexity stream")
-    parser.add_argument("--chunks", type=int, default=8, help="timed prompt chunks (throughput)")
+    parser.add_argument("--chunks", type=int, default=12, help="timed prompt chunks (throughput)")
     parser.add_argument("--decode-steps", type=int, default=200, help="timed decode steps")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
