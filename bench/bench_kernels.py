@@ -74,24 +74,21 @@ def visible_keys(t):
     return min(t + 1, N_LOCAL) + min(N_GLOBAL, max(0, t + 1 - N_LOCAL))
 
 
-# Decode configurations (triton_decode.DECODE_BLOCKS keys and num_splits), the H100's best
-# first (128 keys, 4 warps, 3 stages, keys turned in float32). Measured on the H200
-# (2026-12-01 20:40 run): deeper pipelines (depth 5-8, 1-3 blocks in flight per program) and
-# 8 warps ran at 1.5-2.4 TB/s against 3.48 for it: they leave one program per SM (shared
-# memory or registers), and the loop's arithmetic, not the loads, is what a program waits
-# on. So the candidates here raise programs per SM instead: keys turned in the input dtype
-# (packed bf16: fewer registers), register caps (maxnreg), 2-warp programs, smaller blocks.
+# Decode configurations (triton_decode.DECODE_BLOCKS keys and num_splits; each spells out
+# its key turn, the default changed). The H100's shape first (128 keys, 4 warps, 3 stages,
+# keys turned in float32), then the defaults. On the H200 (2026-12-01 runs, docs/kernels.md)
+# deeper pipelines (1-3 blocks in flight per program) and 8 warps lost (1.5-2.4 TB/s against
+# 3.5): they leave one program per SM, and the loop's arithmetic, not the loads, is what a
+# program waits on; smaller programs (more per SM) won.
 DECODE_CONFIGS = [
-    dict(block_keys=128, num_warps=4, num_stages=3),
-    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True),
-    dict(block_keys=128, num_warps=4, num_stages=2),
+    dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=False),
     dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True),
-    dict(block_keys=64, num_warps=2, num_stages=2),
-    dict(block_keys=64, num_warps=2, num_stages=3),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=False),
+    dict(block_keys=64, num_warps=2, num_stages=3, turn_in_input_dtype=False),
+    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True),
+    dict(block_keys=128, num_warps=4, num_stages=5, turn_in_input_dtype=False),
     dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True, maxnreg=160),
     dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True, num_splits=2),
-    dict(block_keys=64, num_warps=2, num_stages=3, num_splits=2),
-    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True, num_splits=2),
 ]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
