@@ -537,7 +537,7 @@ def main():
                         help="comma-separated stream positions: prefill and decode tokens/s "
                              "there (chunk = L) against the dense SDPA baseline at L, instead "
                              "of the perplexity stream")
-    parser.add_argument("--chunks", type=int, default=12, help="timed prompt chunks (throughput)")
+    parser.add_argument("--chunks", type=int, default=24, help="timed prompt chunks (throughput)")
     parser.add_argument("--decode-steps", type=int, default=200, help="timed decode steps")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
