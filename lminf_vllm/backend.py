@@ -115,14 +115,16 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
         self.rotation = attention.rotation_for(query_rotation_for(kv_cache_spec.head_size),
                                                self.config, device)
         scheduler = vllm_config.scheduler_config
-        on_cuda = torch.device(device).type == "cuda"
+        graph_mode = vllm_config.compilation_config.cudagraph_mode
+        full_graphs = graph_mode is not None and graph_mode.has_full_cudagraphs()
         self.planner = attention.StepPlanner(
             self.config, max_num_reqs=scheduler.max_num_seqs,
             max_num_tokens=scheduler.max_num_batched_tokens, device=device,
             num_ring_pages=self.config.num_ring_pages,
             tile_queries=attention.plan_tile_queries(self.config, device),
-            # fixed decode shapes only where CUDA graphs replay them
-            min_pages=attention.decode_pages(self.config) if on_cuda else 0)
+            # fixed decode shapes only where full CUDA graphs replay them (elsewhere
+            # padding pages would only cost masked work)
+            min_pages=attention.decode_pages(self.config) if full_graphs else 0)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LMInfMetadata:

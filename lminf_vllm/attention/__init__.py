@@ -96,16 +96,15 @@ def worst_case_prefill(config: LMInfConfig, max_num_reqs: int,
         return 0, 0
     lengths = np.arange(2, longest + 1)
     tiles = np.minimum(max_num_reqs, max_num_tokens // lengths)
-    pages = config.num_pinned_pages + -(-(config.n_local + lengths - 1) // config.page_size) + 1
-    best = int(np.argmax(tiles * pages))
+    best = int(np.argmax(tiles * max_tile_pages(config, lengths)))
     return int(tiles[best]), int(lengths[best])
 
 
 def exercise_worst_case(config: LMInfConfig, query: torch.Tensor, output: torch.Tensor,
                         num_kv_heads: int, rotation: QueryRotation, scale: float,
-                        max_num_reqs: int) -> None:
+                        max_num_reqs: int) -> AttentionPlan | None:
     """Run the step whose temporaries are largest, over a scratch cache, so that a memory
-    profile taken around it (vLLM's profile run) sees them.
+    profile taken around it (vLLM's profile run) sees them; returns its plan.
 
     query, output: [max_num_tokens, H, D], the profile run's own tensors. The worst prefill
     group (worst_case_prefill) runs with every window full; its tiles share one scratch
@@ -113,7 +112,7 @@ def exercise_worst_case(config: LMInfConfig, query: torch.Tensor, output: torch.
     """
     num_tiles, length = worst_case_prefill(config, max_num_reqs, query.shape[0])
     if num_tiles == 0:
-        return
+        return None
     width = max_tile_pages(config, length)
     head_dim = query.shape[-1]
     scratch = torch.zeros(width, num_kv_heads, config.page_size, 2 * head_dim,
@@ -129,3 +128,4 @@ def exercise_worst_case(config: LMInfConfig, query: torch.Tensor, output: torch.
                       num_ring_pages=width - config.num_pinned_pages, tile_queries=length)
     rows = num_tiles * length
     run(plan, query[:rows], scratch, output[:rows], rotation, scale)
+    return plan

@@ -69,15 +69,16 @@ class AttentionPlan:
     groups: tuple[TileGroup, ...]
 
 
-def max_tile_pages(config: LMInfConfig, tile_queries: int) -> int:
-    """The most pages a tile of up to `tile_queries` queries of one request may see.
+def max_tile_pages(config: LMInfConfig, tile_queries):
+    """The most pages a tile of up to `tile_queries` queries of one request may see (ints
+    or an array of tile lengths).
 
     Its queries t0..t1 (t1 - t0 < T) see at most G global pages and the local pages of
-    t0 - n_local + 1 .. t1, a span of n_local + T - 1 tokens over at most
-    ceil((n_local + T - 1) / B) + 1 pages.
+    t0 - n_local + 1 .. t1: a span of n_local + T - 1 tokens, which touches the most pages,
+    (span + B - 2) // B + 1, when it starts on the last slot of a page.
     """
     span = config.n_local + tile_queries - 1
-    return config.num_pinned_pages + -(-span // config.page_size) + 1
+    return config.num_pinned_pages + (span + config.page_size - 2) // config.page_size + 1
 
 
 def decode_pages(config: LMInfConfig) -> int:
