@@ -33,11 +33,15 @@ def vllm_config(**kwargs):
                       ).create_engine_config()
 
 
+def rotation_table(head_dim, trained_length):
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angle = torch.arange(trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
+    return QueryRotation(torch.cat([angle.cos(), angle.sin()], 1).float(), head_dim, True)
+
+
 @pytest.fixture
 def rope_table(monkeypatch):
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
-    angle = torch.arange(257, dtype=torch.float64)[:, None] * inv_freq
-    rotation = QueryRotation(torch.cat([angle.cos(), angle.sin()], 1).float(), HEAD_DIM, True)
+    rotation = rotation_table(HEAD_DIM, 256)
     monkeypatch.setattr(backend, "query_rotation_for", lambda head_size: rotation)
     return rotation
 
@@ -194,14 +198,9 @@ def test_the_profile_step_has_the_largest_dense_page_copy(n_global, n_local, pag
     # the step it runs reaches that bound with real page sets
     query = torch.randn(tokens, 2, 8)
     plan = attention.exercise_worst_case(config, query, torch.empty_like(query), 1,
-                                         _rotation(8, 256), 0.3, reqs)
+                                         rotation_table(8, 256), 0.3, reqs)
     (group,) = plan.groups
     assert group.query_rows.shape == (num_tiles, length)
     assert group.page_block.shape[1] == max_tile_pages(config, length)
     assert (group.page_base >= 0).all()
 
-
-def _rotation(head_dim, trained_length):
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angle = torch.arange(trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
-    return QueryRotation(torch.cat([angle.cos(), angle.sin()], 1).float(), head_dim, True)
