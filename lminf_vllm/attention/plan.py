@@ -135,21 +135,21 @@ def padded_decode_requests(query_lens: np.ndarray, num_tokens: int) -> int:
 
 
 class _Arena:
-    """A flat int64 buffer handed out in consecutive segments (cursor reset per step)."""
+    """A flat int64 buffer handed out in consecutive segments (start, size, shape)."""
 
-    def __init__(self, host: torch.Tensor):
+    def __init__(self, host: torch.Tensor, host_numpy: np.ndarray):
         self.host = host
-        self.numpy = host.numpy()
+        self.numpy = host_numpy
         self.used = 0
 
-    def put(self, values: np.ndarray) -> tuple[int, tuple[int, ...]]:
+    def put(self, values: np.ndarray) -> tuple[int, int, tuple[int, ...]]:
         size = values.size
         if self.used + size > len(self.numpy):
             raise ValueError(f"lminf plan: the step needs more than the {len(self.numpy)} "
                              "index entries planned for (max_num_reqs / max_num_tokens)")
         self.numpy[self.used:self.used + size] = values.reshape(-1)
         start, self.used = self.used, self.used + size
-        return start, values.shape
+        return start, size, values.shape
 
 
 class StepPlanner:
@@ -180,6 +180,7 @@ class StepPlanner:
         # copying the other; each waits only for its own copy of two steps ago.
         self._hosts = [torch.empty(self.capacity, dtype=torch.int64, pin_memory=on_cuda)
                        for _ in range(2 if on_cuda else 1)]
+        self._host_numpy = [host.numpy() for host in self._hosts]
         self._copied = [None] * len(self._hosts)
         self._turn = 0
         # On the CPU the host arena is the device arena: no copy at all.
@@ -267,8 +268,8 @@ class StepPlanner:
         self._gather_blocks(device_arena, block_table, index_segments[-1])
 
         def view(segment, buffer=device_arena):
-            start, shape = segment
-            return buffer[start:start + int(np.prod(shape))].view(shape)
+            start, size, shape = segment
+            return buffer[start:start + size].view(shape)
 
         return AttentionPlan(
             config=config,
@@ -283,7 +284,7 @@ class StepPlanner:
         self._turn = (self._turn + 1) % len(self._hosts)
         if self._copied[self._turn] is not None:
             self._copied[self._turn].synchronize()  # its copy of two steps ago, long done
-        return _Arena(self._hosts[self._turn])
+        return _Arena(self._hosts[self._turn], self._host_numpy[self._turn])
 
     def _to_device(self, arena: _Arena) -> torch.Tensor:
         if self.arena is arena.host:
@@ -299,7 +300,7 @@ class StepPlanner:
         """blocks[i] = block_table.flat[arena[i]] over the index segments (which start the
         arena), PADDING_BLOCK where the index is -1; in place, so self.blocks keeps the
         arena's offsets."""
-        stop = last_segment[0] + int(np.prod(last_segment[1]))
+        stop = last_segment[0] + last_segment[1]
         index = device_arena[:stop]
         blocks = self.blocks[:stop]
         blocks.copy_(block_table.reshape(-1)[index.clamp(min=0)])
