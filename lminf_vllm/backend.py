@@ -103,6 +103,27 @@ def refuse_speculative_decoding(vllm_config: VllmConfig) -> None:
             f"method={method!r}); start the engine without --speculative-config")
 
 
+def refuse_capture_batches_past_the_chunk_cap(vllm_config: VllmConfig,
+                                              config: lminf_config.LMInfConfig) -> None:
+    """Model runner V2 builds attention metadata for its piecewise captures from dummy
+    batches of min(size, max_num_seqs) requests over the capture size; a dummy request longer
+    than max_prefill_chunk_tokens would be refused by the plan in the middle of the capture,
+    so the combination is refused at startup instead."""
+    graph_mode = vllm_config.compilation_config.cudagraph_mode
+    if (graph_mode is None or not graph_mode.has_piecewise_cudagraphs()
+            or not vllm_config.use_v2_model_runner):
+        return
+    largest = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    per_request = -(-largest // max_num_seqs)
+    if per_request > config.max_prefill_chunk_tokens:
+        raise lminf_config.LMInfConfigError(
+            f"lminf: CUDA-graph capture batches of {largest} tokens over max_num_seqs="
+            f"{max_num_seqs} requests give {per_request} tokens per request, more than "
+            f"max_prefill_chunk_tokens={config.max_prefill_chunk_tokens}; raise "
+            "max_num_seqs or max_prefill_chunk_tokens, or lower max_cudagraph_capture_size")
+
+
 class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
     # Decode batches replay full CUDA graphs: a batch of one query per request plans into
     # one group of one tile per request (padding requests included) with decode_pages
@@ -116,6 +137,7 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         refuse_speculative_decoding(vllm_config)
         self.config = lminf_config.from_vllm_config(vllm_config)
+        refuse_capture_batches_past_the_chunk_cap(vllm_config, self.config)
         attention.check_impl(self.config, device, lminf_config.triton_interpreter_on())
         self.rotation = attention.rotation_for(query_rotation_for(kv_cache_spec.head_size),
                                                self.config, device)

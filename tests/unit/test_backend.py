@@ -204,3 +204,18 @@ def test_the_profile_step_has_the_largest_dense_page_copy(n_global, n_local, pag
     assert group.page_block.shape[1] == max_tile_pages(config, length)
     assert (group.page_base >= 0).all()
 
+
+
+def test_v2_capture_batches_longer_than_a_chunk_are_refused_at_startup(monkeypatch):
+    config = vllm_config(additional_config={"lminf": {"max_prefill_chunk_tokens": 32}})
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    config.compilation_config.max_cudagraph_capture_size = 256   # 64 tokens x 4 requests
+    lminf = backend.lminf_config.from_vllm_config(config)
+    with pytest.raises(LMInfConfigError, match="max_prefill_chunk_tokens=32"):
+        backend.refuse_capture_batches_past_the_chunk_cap(config, lminf)
+    config.compilation_config.max_cudagraph_capture_size = 128   # 32 x 4: fits
+    backend.refuse_capture_batches_past_the_chunk_cap(config, lminf)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")          # V1 builds none
+    config.compilation_config.max_cudagraph_capture_size = 256
+    backend.refuse_capture_batches_past_the_chunk_cap(config, lminf)
