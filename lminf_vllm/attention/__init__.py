@@ -6,20 +6,21 @@ import torch
 from lminf_vllm.attention.plan import (DEFAULT_TILE_QUERIES, AttentionPlan, StepPlanner,
                                        TileGroup, build_plan, decode_pages, max_tile_pages)
 from lminf_vllm.attention.rotation import QueryRotation
-from lminf_vllm.attention import reference
+from lminf_vllm.attention import cpu_attention, reference
 from lminf_vllm.config import LMInfConfig, LMInfConfigError
 
 __all__ = ["AttentionPlan", "TileGroup", "QueryRotation", "StepPlanner", "build_plan",
            "check_impl", "decode_pages", "exercise_worst_case", "impl_for", "plan_tile_queries",
-           "rotation_for", "run", "worst_case_prefill", "write_kv"]
+           "prepare", "rotation_for", "run", "worst_case_prefill", "write_kv"]
 
 
 def impl_for(config: LMInfConfig, device: torch.device) -> str:
-    """The path that runs on `device`: "triton" or "reference" (config.attention_impl,
-    where "auto" means the kernels on CUDA and the CPU path elsewhere)."""
+    """The path that runs on `device`: "triton", "cpu" (cpu_attention) or "reference"
+    (config.attention_impl, where "auto" means the kernels on CUDA and cpu_attention
+    elsewhere)."""
     if config.attention_impl != "auto":
         return config.attention_impl
-    return "triton" if torch.device(device).type == "cuda" else "reference"
+    return "triton" if torch.device(device).type == "cuda" else "cpu"
 
 
 def check_impl(config: LMInfConfig, device: torch.device, triton_interpreted: bool) -> str:
@@ -39,21 +40,36 @@ def plan_tile_queries(config: LMInfConfig, device: torch.device) -> int:
 
     Triton: a whole request chunk per tile, so the prefill kernel turns each window key
     once per step (triton_prefill.turn_pages_kernel) and every row block of the chunk reads
-    that copy. Reference: its tile height, which bounds its [T, P, H, D] temporaries.
+    that copy. cpu_attention: its flash-attention tile, a share of the window. Reference:
+    its tile height, which bounds its [T, P, H, D] temporaries.
     """
-    if impl_for(config, device) == "triton":
+    impl = impl_for(config, device)
+    if impl == "triton":
         return config.max_prefill_chunk_tokens
+    if impl == "cpu":
+        return cpu_attention.tile_queries(config)
     return DEFAULT_TILE_QUERIES
 
 
 def rotation_for(rotation: QueryRotation, config: LMInfConfig,
                  device: torch.device) -> QueryRotation:
     """The query rotation table on `device`, with every angle that device's path reads."""
-    if impl_for(config, device) == "triton":
+    impl = impl_for(config, device)
+    if impl == "triton":
         from lminf_vllm.attention.triton_prefill import angles_needed  # imports triton
-        rotation = rotation.with_angles(
-            angles_needed(config, plan_tile_queries(config, device)))
+    elif impl == "cpu":
+        angles_needed = cpu_attention.angles_needed
+    else:
+        return rotation.to(device)
+    rotation = rotation.with_angles(angles_needed(config, plan_tile_queries(config, device)))
     return rotation.to(device)
+
+
+def prepare(plan: AttentionPlan, rotation: QueryRotation, num_kv_heads: int, head_dim: int):
+    """What the plan's path builds once per step for every layer (or None)."""
+    if impl_for(plan.config, plan.slot_block.device) != "cpu":
+        return None
+    return cpu_attention.prepare(plan, rotation, num_kv_heads, head_dim)
 
 
 def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:
@@ -62,16 +78,24 @@ def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:
 
 
 def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
-        scale: float) -> None:
+        scale: float, prepared=None) -> None:
     """Attention for every query of the step, written into output [T, H, D].
 
     The Triton path sends each group to a kernel (decode groups, one query per tile, to
     triton_decode; the rest to triton_prefill, which writes its rows of output directly);
-    the reference path to reference.attend. Both read the same plan, so the paths differ
-    only in this call.
+    the cpu path to cpu_attention, with `prepared` from `prepare` (made here when not
+    given); the reference path to reference.attend, the oracle-checked statement of the
+    semantics that the other paths are tested against. All read the same plan, so the
+    paths differ only in this call.
     """
-    if impl_for(plan.config, query.device) == "reference":
+    impl = impl_for(plan.config, query.device)
+    if impl == "reference":
         reference.attend(plan, query, kv_cache, output, rotation, scale)
+        return
+    if impl == "cpu":
+        if prepared is None:
+            prepared = prepare(plan, rotation, kv_cache.shape[1], kv_cache.shape[3] // 2)
+        cpu_attention.attend(prepared, query, kv_cache, output, scale)
         return
     from lminf_vllm.attention import triton_decode, triton_prefill  # imports triton
     for group in plan.groups:

@@ -17,8 +17,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from conftest import MODEL_DIR
 from lminf_vllm import attention, backend
-from lminf_vllm.attention import build_plan, decode_pages, worst_case_prefill
-from lminf_vllm.attention.plan import max_tile_pages
+from lminf_vllm.attention import build_plan, cpu_attention, decode_pages, worst_case_prefill
+from lminf_vllm.attention.plan import DEFAULT_TILE_QUERIES, max_tile_pages
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.config import LMInfConfig, LMInfConfigError
 
@@ -145,12 +145,16 @@ def test_speculative_decoding_is_refused_at_startup_naming_the_option():
         builder_for(config)
 
 
-@pytest.mark.parametrize("impl", ["auto", "reference"])
-def test_the_cpu_runs_the_reference_unless_told_otherwise(impl, rope_table):
+@pytest.mark.parametrize("impl,path,tile", [
+    ("auto", "cpu", cpu_attention.tile_queries), ("reference", "reference",
+                                                  lambda config: DEFAULT_TILE_QUERIES)])
+def test_the_cpu_runs_its_path_unless_told_otherwise(impl, path, tile, rope_table):
     config = vllm_config(additional_config={"lminf": {"attention_impl": impl}})
     builder = builder_for(config)
-    assert attention.impl_for(builder.config, torch.device("cpu")) == "reference"
-    assert builder.planner.tile_queries == attention.plan.DEFAULT_TILE_QUERIES
+    assert attention.impl_for(builder.config, torch.device("cpu")) == path
+    assert builder.planner.tile_queries == tile(builder.config)
+    meta = builder.build(0, common_metadata([1, 7], [40, 7], ring_table(builder.config, 2)))
+    assert (meta.prepared is not None) == (path == "cpu")
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch, rope_table):
@@ -169,9 +173,9 @@ def test_the_impl_tells_auto_from_the_device():
     config = LMInfConfig(n_global=64, n_local=256, trained_length=256, page_size=16,
                          max_prefill_chunk_tokens=256)
     assert attention.impl_for(config, torch.device("cuda")) == "triton"
-    assert attention.impl_for(config, torch.device("cpu")) == "reference"
+    assert attention.impl_for(config, torch.device("cpu")) == "cpu"
     assert attention.check_impl(config, torch.device("cpu"), triton_interpreted=False) \
-        == "reference"
+        == "cpu"
 
 
 def test_forward_without_metadata_on_the_cpu_leaves_output_alone():
