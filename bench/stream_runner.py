@@ -3,7 +3,7 @@
 No vLLM (the GPU machine has none): the model's safetensors run layer by layer in plain
 PyTorch, with exactly what the plugin does inside vLLM around attention:
   * RoPE is fed positions mod B (the page-local key frame, DESIGN §3);
-  * new keys/values go to the paged cache through plan.slot_mapping (attention.write_kv);
+  * new keys/values go to the paged cache through plan.slot_block/slot_offset (attention.write_kv);
   * attention.run dispatches to the Triton kernels on CUDA (the reference on CPU);
   * one request owns G pinned pages and a ring of R pages (num_ring_pages), so the cache
     never grows however long the stream.
@@ -158,7 +158,7 @@ class Llama:
 
 class LambdaCache:
     """The plugin's side of a step: G pinned pages and a ring of R pages per layer, plans,
-    keys/values written through plan.slot_mapping, attention.run (the kernels on CUDA). RoPE
+    keys/values written through plan.slot_block/slot_offset, attention.run (the kernels on CUDA). RoPE
     is fed positions mod B (the page-local key frame, DESIGN §3)."""
 
     def __init__(self, model: Llama, config_overrides: dict, chunk: int):
@@ -246,7 +246,7 @@ def to_device(plan: AttentionPlan, device) -> AttentionPlan:
     if torch.device(device).type == "cpu":
         return plan
     move = lambda x: x.pin_memory().to(device, non_blocking=True)  # noqa: E731
-    return AttentionPlan(plan.config, move(plan.slot_mapping),
+    return AttentionPlan(plan.config, move(plan.slot_block), move(plan.slot_offset),
                          tuple(TileGroup(*(move(x) for x in (g.query_rows, g.query_position,
                                                              g.page_block, g.page_base)))
                                for g in plan.groups))
@@ -368,7 +368,8 @@ class DecodeGraph:
     def step(self, position: int, token):
         if isinstance(self.cache, LambdaCache):
             plan = self.cache.plan(position, 1, min_pages=self.cache.decode_pages)
-            self.plan.slot_mapping.copy_(plan.slot_mapping, non_blocking=True)
+            self.plan.slot_block.copy_(plan.slot_block, non_blocking=True)
+            self.plan.slot_offset.copy_(plan.slot_offset, non_blocking=True)
             for a, b in zip(self.plan.groups, plan.groups):
                 for x, y in zip((a.query_rows, a.query_position, a.page_block, a.page_base),
                                 (b.query_rows, b.query_position, b.page_block, b.page_base)):

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -61,6 +62,11 @@ class LMInfBackend(AttentionBackend):
         return True
 
     @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        # The plan is built from the host's query lengths (StepPlanner.plan).
+        return False
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
@@ -86,35 +92,101 @@ class LMInfMetadata:
     prepared: object  # what the device's path builds once per step (attention.prepare)
 
 
+def refuse_speculative_decoding(vllm_config: VllmConfig) -> None:
+    """Speculative decoding is refused at startup: its verification steps would need
+    per-row query lengths from the device (adaptive verification) and exact context lengths
+    for rows vLLM only bounds optimistically, and nothing here tests it against the oracle."""
+    speculative = vllm_config.speculative_config
+    if speculative is not None:
+        method = getattr(speculative, "method", None)
+        raise lminf_config.LMInfConfigError(
+            f"lminf: speculative decoding is not supported (speculative_config is set, "
+            f"method={method!r}); start the engine without --speculative-config")
+
+
+def refuse_capture_batches_past_the_chunk_cap(vllm_config: VllmConfig,
+                                              config: lminf_config.LMInfConfig) -> None:
+    """Model runner V2 builds attention metadata for its piecewise captures from dummy
+    batches of min(size, max_num_seqs) requests over the capture size; a dummy request longer
+    than max_prefill_chunk_tokens would be refused by the plan in the middle of the capture,
+    so the combination is refused at startup instead."""
+    graph_mode = vllm_config.compilation_config.cudagraph_mode
+    if (graph_mode is None or not graph_mode.has_piecewise_cudagraphs()
+            or not vllm_config.use_v2_model_runner):
+        return
+    largest = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    per_request = -(-largest // max_num_seqs)
+    if per_request > config.max_prefill_chunk_tokens:
+        raise lminf_config.LMInfConfigError(
+            f"lminf: CUDA-graph capture batches of {largest} tokens over max_num_seqs="
+            f"{max_num_seqs} requests give {per_request} tokens per request, more than "
+            f"max_prefill_chunk_tokens={config.max_prefill_chunk_tokens}; raise "
+            "max_num_seqs or max_prefill_chunk_tokens, or lower max_cudagraph_capture_size")
+
+
 class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
+    # Decode batches replay full CUDA graphs: a batch of one query per request plans into
+    # one group of one tile per request (padding requests included) with decode_pages
+    # pages, in the planner's persistent arenas, so shapes and addresses repeat from step
+    # to step. Prefill and mixed batches run attention eagerly (piecewise graphs).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        refuse_speculative_decoding(vllm_config)
         self.config = lminf_config.from_vllm_config(vllm_config)
+        refuse_capture_batches_past_the_chunk_cap(vllm_config, self.config)
+        attention.check_impl(self.config, device, lminf_config.triton_interpreter_on())
         self.rotation = attention.rotation_for(query_rotation_for(kv_cache_spec.head_size),
                                                self.config, device)
-        self.tile_queries = attention.plan_tile_queries(self.config, device)
+        scheduler = vllm_config.scheduler_config
+        graph_mode = vllm_config.compilation_config.cudagraph_mode
+        full_graphs = graph_mode is not None and graph_mode.has_full_cudagraphs()
+        self.planner = attention.StepPlanner(
+            self.config, max_num_reqs=scheduler.max_num_seqs,
+            max_num_tokens=scheduler.max_num_batched_tokens, device=device,
+            num_ring_pages=self.config.num_ring_pages,
+            tile_queries=attention.plan_tile_queries(self.config, device),
+            # fixed decode shapes only where full CUDA graphs replay them (elsewhere
+            # padding pages would only cost masked work)
+            min_pages=attention.decode_pages(self.config) if full_graphs else 0)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LMInfMetadata:
         meta = common_attn_metadata
+        # Exact here: vLLM documents it as optimistic only for async speculative decode
+        # rows, and speculative decoding is refused (refuse_speculative_decoding). Host
+        # side, so planning never waits for the device.
         seq_lens = meta.seq_lens_cpu_upper_bound
         if seq_lens is None:
-            seq_lens = meta.seq_lens.cpu()
+            raise RuntimeError("lminf: vLLM built attention metadata without "
+                               "seq_lens_cpu_upper_bound; the plan needs host seq_lens")
         num_reqs = meta.num_reqs
-        plan = attention.build_plan(
-            self.config,
+        plan = self.planner.plan(
             query_start_loc=meta.query_start_loc_cpu[: num_reqs + 1].numpy(),
             seq_lens=seq_lens[:num_reqs].numpy(),
             block_table=meta.block_table_tensor[:num_reqs],
-            num_ring_pages=self.config.num_ring_pages,
-            tile_queries=self.tile_queries,
+            num_tokens=meta.num_actual_tokens,
         )
         spec = self.kv_cache_spec
         return LMInfMetadata(plan=plan, rotation=self.rotation,
                              num_actual_tokens=meta.num_actual_tokens,
                              prepared=attention.prepare(plan, self.rotation, spec.num_kv_heads,
                                                         spec.head_size))
+
+    def build_for_cudagraph_capture(
+            self, common_attn_metadata: CommonAttentionMetadata) -> LMInfMetadata:
+        """The metadata a full decode graph is captured with: planned like every step,
+        into the same arenas, so each replay reads what build() wrote there."""
+        if common_attn_metadata.max_query_len != 1:
+            raise RuntimeError(
+                f"lminf: full CUDA graphs are captured for decode batches only (support "
+                f"{self._cudagraph_support.name}), got max_query_len="
+                f"{common_attn_metadata.max_query_len}")
+        return self.build(0, common_attn_metadata)
 
 
 class LMInfImpl(AttentionImpl):
@@ -144,6 +216,12 @@ class LMInfImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.kv_sharing_target_layer_name = None
         self.attn_type = attn_type
+        # vLLM builds attention layers inside set_current_vllm_config (as its own CPU
+        # backend reads it): the profile run needs the engine's batch limits.
+        vllm_config = get_current_vllm_config()
+        self.config = lminf_config.from_vllm_config(vllm_config)
+        self.max_num_reqs = vllm_config.scheduler_config.max_num_seqs
+        self.profiled = False
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: LMInfMetadata | None,
@@ -151,7 +229,8 @@ class LMInfImpl(AttentionImpl):
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("lminf: fused output quantization is not supported")
-        if attn_metadata is None:  # profiling run: no cache yet
+        if attn_metadata is None:  # no cache yet: vLLM's profile run, then graph warm-ups
+            self._exercise_worst_case(query, output)
             return output
         n = attn_metadata.num_actual_tokens
         plan = attn_metadata.plan
@@ -160,3 +239,19 @@ class LMInfImpl(AttentionImpl):
                       output[:n].view(n, self.num_heads, self.head_size),
                       attn_metadata.rotation, self.scale, attn_metadata.prepared)
         return output
+
+    def _exercise_worst_case(self, query: torch.Tensor, output: torch.Tensor) -> None:
+        """On CUDA, the first forward without metadata is vLLM's memory profile run: run
+        the step with the largest attention temporaries once (the prefill kernel's dense
+        copy of each tile's pages), so the profile counts them before the KV cache takes
+        the rest of the memory. The CPU sizes its cache from VLLM_CPU_KVCACHE_SPACE."""
+        if self.profiled or not query.is_cuda:
+            return
+        self.profiled = True
+        rotation = attention.rotation_for(query_rotation_for(self.head_size), self.config,
+                                          query.device)
+        n = query.shape[0]
+        attention.exercise_worst_case(
+            self.config, query.view(n, self.num_heads, self.head_size),
+            output.view(n, self.num_heads, self.head_size), self.num_kv_heads, rotation,
+            self.scale, self.max_num_reqs)

@@ -14,11 +14,17 @@ vLLM at module level, so the pure math (rope frame, attention) can depend on it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 ADDITIONAL_CONFIG_KEY = "lminf"
-ALLOWED_KEYS = ("n_global", "n_local", "trained_length", "max_prefill_chunk_tokens")
+ALLOWED_KEYS = ("n_global", "n_local", "trained_length", "max_prefill_chunk_tokens",
+                "attention_impl")
+# Which attention path runs: "auto" (the Triton kernels on CUDA, the CPU path elsewhere),
+# "reference" (the PyTorch reference on any device), "triton" (the kernels on any device;
+# on the CPU only under the Triton interpreter, TRITON_INTERPRET=1).
+ATTENTION_IMPLS = ("auto", "reference", "triton")
 
 DEFAULT_N_GLOBAL = 64
 # The CPU build defaults to 128-token pages; for a short trained length that would make
@@ -56,6 +62,7 @@ class LMInfConfig:
     trained_length: int
     page_size: int
     max_prefill_chunk_tokens: int
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("page_size (--block-size)", self.page_size, 1, None)
@@ -66,6 +73,10 @@ class LMInfConfig:
         _check_int("n_local", self.n_local, 1, self.trained_length,
                    hint="the window cannot exceed the distance limit L")
         _check_int("max_prefill_chunk_tokens", self.max_prefill_chunk_tokens, 1, None)
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise LMInfConfigError(
+                f"lminf: attention_impl={self.attention_impl!r} is not one of "
+                f"{list(ATTENTION_IMPLS)}")
 
     @property
     def num_pinned_pages(self) -> int:
@@ -191,6 +202,7 @@ def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: An
         max_prefill_chunk_tokens=parameters.get(
             "max_prefill_chunk_tokens",
             default_prefill_chunk_tokens(n_local, page_size, max_num_batched_tokens)),
+        attention_impl=parameters.get("attention_impl", "auto"),
     )
 
 
@@ -203,6 +215,12 @@ def default_prefill_chunk_tokens(n_local: int, page_size: int,
     long as the window. The scheduler never gives a request more than the batch budget.
     """
     return max(1, min(max_num_batched_tokens, max(n_local, page_size)))
+
+
+def triton_interpreter_on() -> bool:
+    """Whether Triton runs kernels in its interpreter (on CPU tensors): TRITON_INTERPRET=1,
+    Triton's own switch, read by Triton when it is first imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def from_vllm_config(vllm_config: Any) -> LMInfConfig:

@@ -1,65 +1,103 @@
-"""Λ-attention over the paged cache: planning plus the path chosen by device."""
+"""Λ-attention over the paged cache: planning plus the path chosen by config and device."""
 
+import numpy as np
 import torch
 
-from lminf_vllm.attention.plan import AttentionPlan, TileGroup, build_plan
+from lminf_vllm.attention.plan import (DEFAULT_TILE_QUERIES, AttentionPlan, StepPlanner,
+                                       TileGroup, build_plan, decode_pages, max_tile_pages)
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.attention import cpu_attention, reference
+from lminf_vllm.config import LMInfConfig, LMInfConfigError
 
-__all__ = ["AttentionPlan", "TileGroup", "QueryRotation", "build_plan", "plan_tile_queries",
-           "prepare", "rotation_for", "run", "write_kv"]
+__all__ = ["AttentionPlan", "TileGroup", "QueryRotation", "StepPlanner", "build_plan",
+           "check_impl", "decode_pages", "exercise_worst_case", "impl_for", "plan_tile_queries",
+           "prepare", "rotation_for", "run", "worst_case_prefill", "write_kv"]
 
 
-def plan_tile_queries(config, device: torch.device) -> int:
+def impl_for(config: LMInfConfig, device: torch.device) -> str:
+    """The path that runs on `device`: "triton", "cpu" (cpu_attention) or "reference"
+    (config.attention_impl, where "auto" means the kernels on CUDA and cpu_attention
+    elsewhere)."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    return "triton" if torch.device(device).type == "cuda" else "cpu"
+
+
+def check_impl(config: LMInfConfig, device: torch.device, triton_interpreted: bool) -> str:
+    """impl_for, refused at startup where it cannot run."""
+    impl = impl_for(config, device)
+    if impl == "triton" and torch.device(device).type != "cuda" and not triton_interpreted:
+        raise LMInfConfigError(
+            f"lminf: attention_impl='triton' on a {torch.device(device).type} device needs "
+            "the Triton interpreter: set TRITON_INTERPRET=1 in the environment the engine "
+            "starts from (before anything imports triton), or use attention_impl='auto' or "
+            "'reference'")
+    return impl
+
+
+def plan_tile_queries(config: LMInfConfig, device: torch.device) -> int:
     """Queries per plan tile for the path that runs on `device`.
 
-    CUDA: a whole request chunk per tile, so the prefill kernel turns each window key once
-    per step (triton_prefill.turn_pages_kernel) and every row block of the chunk reads that
-    copy. CPU: cpu_attention's flash-attention tile, a share of the window.
+    Triton: a whole request chunk per tile, so the prefill kernel turns each window key
+    once per step (triton_prefill.turn_pages_kernel) and every row block of the chunk reads
+    that copy. cpu_attention: its flash-attention tile, a share of the window. Reference:
+    its tile height, which bounds its [T, P, H, D] temporaries.
     """
-    if torch.device(device).type == "cuda":
+    impl = impl_for(config, device)
+    if impl == "triton":
         return config.max_prefill_chunk_tokens
-    return cpu_attention.tile_queries(config)
+    if impl == "cpu":
+        return cpu_attention.tile_queries(config)
+    return DEFAULT_TILE_QUERIES
 
 
-def rotation_for(rotation: QueryRotation, config, device: torch.device) -> QueryRotation:
+def rotation_for(rotation: QueryRotation, config: LMInfConfig,
+                 device: torch.device) -> QueryRotation:
     """The query rotation table on `device`, with every angle that device's path reads."""
-    if torch.device(device).type == "cuda":
-        from lminf_vllm.attention.triton_prefill import angles_needed  # triton only on GPU
-    else:
+    impl = impl_for(config, device)
+    if impl == "triton":
+        from lminf_vllm.attention.triton_prefill import angles_needed  # imports triton
+    elif impl == "cpu":
         angles_needed = cpu_attention.angles_needed
+    else:
+        return rotation.to(device)
     rotation = rotation.with_angles(angles_needed(config, plan_tile_queries(config, device)))
     return rotation.to(device)
 
 
 def prepare(plan: AttentionPlan, rotation: QueryRotation, num_kv_heads: int, head_dim: int):
-    """What the path of the plan's device builds once per step for every layer (or None)."""
-    if plan.slot_mapping.is_cuda:
+    """What the plan's path builds once per step for every layer (or None)."""
+    if impl_for(plan.config, plan.slot_block.device) != "cpu":
         return None
     return cpu_attention.prepare(plan, rotation, num_kv_heads, head_dim)
 
 
 def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:
     """Store the step's new keys (already in the page-local frame) and values."""
-    reference.write_kv(key, value, kv_cache, plan.slot_mapping)
+    reference.write_kv(key, value, kv_cache, plan.slot_block, plan.slot_offset)
 
 
 def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
         scale: float, prepared=None) -> None:
     """Attention for every query of the step, written into output [T, H, D].
 
-    On CUDA each group goes to a Triton kernel (decode groups, one query per tile, to
+    The Triton path sends each group to a kernel (decode groups, one query per tile, to
     triton_decode; the rest to triton_prefill, which writes its rows of output directly);
-    elsewhere to cpu_attention, with `prepared` from `prepare` (made here when not given).
-    All read the same plan, so the paths differ only in this call; reference.attend is the
-    oracle-checked statement of the semantics that the paths are tested against.
+    the cpu path to cpu_attention, with `prepared` from `prepare` (made here when not
+    given); the reference path to reference.attend, the oracle-checked statement of the
+    semantics that the other paths are tested against. All read the same plan, so the
+    paths differ only in this call.
     """
-    if not query.is_cuda:
+    impl = impl_for(plan.config, query.device)
+    if impl == "reference":
+        reference.attend(plan, query, kv_cache, output, rotation, scale)
+        return
+    if impl == "cpu":
         if prepared is None:
             prepared = prepare(plan, rotation, kv_cache.shape[1], kv_cache.shape[3] // 2)
         cpu_attention.attend(prepared, query, kv_cache, output, scale)
         return
-    from lminf_vllm.attention import triton_decode, triton_prefill  # triton only on GPU
+    from lminf_vllm.attention import triton_decode, triton_prefill  # imports triton
     for group in plan.groups:
         if group.query_rows.shape[1] == 1:
             result = triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale)
@@ -67,3 +105,51 @@ def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
         else:
             triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
                                         output=output)
+
+
+def worst_case_prefill(config: LMInfConfig, max_num_reqs: int,
+                       max_num_tokens: int) -> tuple[int, int]:
+    """(tiles, queries per tile) of the prefill group whose page sets are largest.
+
+    A group of N tiles of T >= 2 queries holds N * max_tile_pages(T) pages, which the
+    prefill kernel copies densely (turned keys and values); N <= max_num_reqs and
+    N * T <= max_num_tokens, with T <= max_prefill_chunk_tokens.
+    """
+    longest = min(config.max_prefill_chunk_tokens, max_num_tokens)
+    if longest < 2:
+        return 0, 0
+    lengths = np.arange(2, longest + 1)
+    tiles = np.minimum(max_num_reqs, max_num_tokens // lengths)
+    best = int(np.argmax(tiles * max_tile_pages(config, lengths)))
+    return int(tiles[best]), int(lengths[best])
+
+
+def exercise_worst_case(config: LMInfConfig, query: torch.Tensor, output: torch.Tensor,
+                        num_kv_heads: int, rotation: QueryRotation, scale: float,
+                        max_num_reqs: int) -> AttentionPlan | None:
+    """Run the step whose temporaries are largest, over a scratch cache, so that a memory
+    profile taken around it (vLLM's profile run) sees them; returns its plan.
+
+    query, output: [max_num_tokens, H, D], the profile run's own tensors. The worst prefill
+    group (worst_case_prefill) runs with every window full; its tiles share one scratch
+    row of pages, since only the shapes matter.
+    """
+    num_tiles, length = worst_case_prefill(config, max_num_reqs, query.shape[0])
+    if num_tiles == 0:
+        return None
+    width = max_tile_pages(config, length)
+    head_dim = query.shape[-1]
+    scratch = torch.zeros(width, num_kv_heads, config.page_size, 2 * head_dim,
+                          dtype=query.dtype, device=query.device)
+    block_table = torch.arange(width, dtype=torch.int32, device=query.device)
+    query_start_loc = np.arange(num_tiles + 1) * length
+    # The window starts on the last slot of the first page after the global ones, so each
+    # tile's n_local + T - 1 keys touch as many pages as they can.
+    window_start = config.num_pinned_pages * config.page_size + config.page_size - 1
+    seq_len = window_start + config.n_local - 1 + length
+    plan = build_plan(config, query_start_loc, np.full(num_tiles, seq_len),
+                      block_table.expand(num_tiles, width),
+                      num_ring_pages=width - config.num_pinned_pages, tile_queries=length)
+    rows = num_tiles * length
+    run(plan, query[:rows], scratch, output[:rows], rotation, scale)
+    return plan

@@ -15,14 +15,11 @@ from lminf_vllm.attention.rotation import QueryRotation, rotate
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store new keys and values. key, value: [T, Hkv, D]; slot_mapping: [T] (block*B + offset)."""
+             slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
+    """Store new keys and values. key, value: [T, Hkv, D]; slot_block, slot_offset: [T]."""
     head_dim = key.shape[-1]
-    page_size = kv_cache.shape[2]
-    block = slot_mapping // page_size
-    offset = slot_mapping % page_size
-    kv_cache[block, :, offset, :head_dim] = key.to(kv_cache.dtype)
-    kv_cache[block, :, offset, head_dim:] = value.to(kv_cache.dtype)
+    kv_cache[slot_block, :, slot_offset, :head_dim] = key.to(kv_cache.dtype)
+    kv_cache[slot_block, :, slot_offset, head_dim:] = value.to(kv_cache.dtype)
 
 
 def key_visibility(plan: AttentionPlan, group: TileGroup) -> torch.Tensor:
