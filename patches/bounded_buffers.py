@@ -21,7 +21,7 @@ import contextvars
 import math
 import mmap
 
-from ._patch import Patch, carries_mark, mark_applied
+from ._patch import CPU_0_32, CUDA_0_32, CUDA_0_33, Patch, carries_mark, mark_applied
 
 NAME = "bounded_buffers"
 TARGET = "vllm.v1.worker.gpu_input_batch:InputBatch.__init__"
@@ -35,6 +35,10 @@ LAZY_MIN_BYTES = 64 << 20
 # it the kernel's overcommit heuristic would refuse e.g. 256 slots x 2e8 tokens up front.
 MAP_NORESERVE = 0x4000
 LAZY_ROWS_ATTR = "_lminf_lazy_rows"
+# The two InputBatch buffers sized [max_num_reqs, max_model_len]; InputBatch.__init__ uses
+# max_model_len for nothing else (fingerprinted), so it is built one token wide and then
+# given lazily committed buffers of the full width.
+TOKEN_IDS, IS_TOKEN_IDS = "token_ids_cpu_tensor", "is_token_ids_tensor"
 
 _placeholder_blocks_cap = contextvars.ContextVar("lminf_placeholder_blocks_cap", default=None)
 
@@ -62,32 +66,25 @@ def release_row(tensor, mapping, row: int) -> None:
         mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
-class _TorchWithLazyRows:
-    """`torch` as gpu_input_batch sees it while InputBatch.__init__ runs: big 2-D host
-    zero buffers come from `lazy_zeros`; everything else is torch itself."""
+def lazy_token_buffers(batch, max_model_len: int) -> list:
+    """Give an InputBatch built one token wide its [max_num_reqs, max_model_len] token
+    buffers, backed by lazy mappings; returns the (tensor, mapping) rows to release."""
+    import torch
 
-    def __init__(self, torch_module, rows: list):
-        self._torch = torch_module
-        self._rows = rows
-
-    def __getattr__(self, name):
-        return getattr(self._torch, name)
-
-    def zeros(self, *size, dtype=None, device=None, pin_memory=False, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], tuple) else size
-        itemsize = self._torch.empty((), dtype=dtype).element_size() if dtype else 4
-        if (len(shape) == 2 and str(device) == "cpu" and not pin_memory and not kwargs
-                and math.prod(shape) * itemsize >= LAZY_MIN_BYTES):
-            tensor, mapping = lazy_zeros(shape, dtype)
-            self._rows.append((tensor, mapping))
-            return tensor
-        return self._torch.zeros(*size, dtype=dtype, device=device, pin_memory=pin_memory,
-                                 **kwargs)
+    rows = []
+    for name, view, dtype in ((TOKEN_IDS, "token_ids_cpu", torch.int32),
+                              (IS_TOKEN_IDS, "is_token_ids", torch.bool)):
+        tensor, mapping = lazy_zeros((batch.max_num_reqs, max_model_len), dtype)
+        setattr(batch, name, tensor)
+        setattr(batch, view, tensor.numpy())
+        rows.append((tensor, mapping))
+    batch.max_model_len = max_model_len
+    return rows
 
 
 def _install() -> None:
-    import torch
-    from vllm.v1.worker import gpu_input_batch
+    import inspect
+
     from vllm.v1.worker.gpu_input_batch import InputBatch
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -99,18 +96,21 @@ def _install() -> None:
     condense = InputBatch.condense
     runner_init = GPUModelRunner.__init__
 
+    input_batch_signature = inspect.signature(input_batch_init)
+
     def input_batch_init_bounded(self, *args, **kwargs):
+        arguments = input_batch_signature.bind(self, *args, **kwargs).arguments
         cap = _placeholder_blocks_cap.get()
-        if cap is not None and "max_num_blocks_per_req" in kwargs:
-            kwargs["max_num_blocks_per_req"] = [min(n, cap)
-                                                for n in kwargs["max_num_blocks_per_req"]]
-        rows = []
-        gpu_input_batch.torch = _TorchWithLazyRows(torch, rows)
-        try:
-            input_batch_init(self, *args, **kwargs)
-        finally:
-            gpu_input_batch.torch = torch
-        setattr(self, LAZY_ROWS_ATTR, rows)
+        if cap is not None:
+            arguments["max_num_blocks_per_req"] = [
+                min(n, cap) for n in arguments["max_num_blocks_per_req"]]
+        max_model_len = arguments["max_model_len"]
+        lazy = arguments["max_num_reqs"] * max_model_len * 4 >= LAZY_MIN_BYTES
+        if lazy:
+            arguments["max_model_len"] = 1
+        del arguments["self"]
+        input_batch_init(self, **arguments)
+        setattr(self, LAZY_ROWS_ATTR, lazy_token_buffers(self, max_model_len) if lazy else [])
 
     def remove_request_releasing(self, req_id):
         req_index = remove_request(self, req_id)
@@ -159,8 +159,26 @@ PATCH = Patch(
     upstream="none found; vLLM's own comment on the buffer says 'This buffer could be too "
              "large if max_model_len is big' (TODO(woosuk))",
     remove_when="vLLM sizes the per-slot token buffers by the live stream",
-    fingerprinted={TARGET: "f08db9118357af89", REMOVE: "74776981e14d7610",
-                   CONDENSE: "49c263ad7095110e", RUNNER_INIT: "f3466944c1e2cbfc"},
+    fingerprints={
+        CPU_0_32: {
+            TARGET: "f08db9118357af89",
+            REMOVE: "74776981e14d7610",
+            CONDENSE: "49c263ad7095110e",
+            RUNNER_INIT: "f3466944c1e2cbfc",
+        },
+        CUDA_0_32: {
+            TARGET: "f08db9118357af89",
+            REMOVE: "74776981e14d7610",
+            CONDENSE: "49c263ad7095110e",
+            RUNNER_INIT: "f3466944c1e2cbfc",
+        },
+        CUDA_0_33: {
+            TARGET: "f08db9118357af89",
+            REMOVE: "74776981e14d7610",
+            CONDENSE: "49c263ad7095110e",
+            RUNNER_INIT: "d9827835df72f4f4",
+        },
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
 )
