@@ -24,6 +24,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lminf_vllm import BACKEND_NAME, attention, engine_context
 from lminf_vllm import config as lminf_config
+from lminf_vllm.kv_cache import LMInfSpec
 
 
 class LMInfBackend(AttentionBackend):
@@ -79,6 +80,9 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not isinstance(kv_cache_spec, LMInfSpec):
+            raise RuntimeError(f"lminf: layers {layer_names} got a {type(kv_cache_spec)."
+                               "__name__}, not the ring spec (patches/layer_kv_spec.py)")
         self.config = lminf_config.from_vllm_config(vllm_config)
         self.rotation = attention.rotation_for(
             engine_context.of(vllm_config).query_rotation(kv_cache_spec.head_size),
