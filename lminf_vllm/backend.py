@@ -81,8 +81,9 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if not isinstance(kv_cache_spec, LMInfSpec):
-            raise RuntimeError(f"lminf: layers {layer_names} got a {type(kv_cache_spec)."
-                               "__name__}, not the ring spec (patches/layer_kv_spec.py)")
+            raise RuntimeError(f"lminf: layers {layer_names} got a "
+                               f"{type(kv_cache_spec).__name__}, not the ring spec "
+                               "(patches/layer_kv_spec.py)")
         self.config = lminf_config.from_vllm_config(vllm_config)
         self.rotation = attention.rotation_for(
             engine_context.of(vllm_config).query_rotation(kv_cache_spec.head_size),
