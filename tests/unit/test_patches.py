@@ -223,3 +223,18 @@ def test_small_staged_writes_keep_vllms_allocation(monkeypatch):
     monkeypatch.setattr(buffer_utils, "is_uva_available", lambda: False)
     small = StagedWriteTensor((8, 1024), torch.int32, torch.device("cpu"))
     assert small.gpu.shape == (8, 1024) and small.gpu.untyped_storage().nbytes() == 32768
+
+
+@pytest.mark.parametrize("override,ok", [
+    ("def f(self, a, b=1): ...", True),
+    ("def f(self, a, b=1, extra=None): ...", True),
+    ("def f(self, a, **kwargs): ...", True),
+    ("def f(self, a): ...", False),  # drops a parameter upstream passes
+    ("def f(self, b, a=1): ...", False),  # renamed / reordered
+    ("def f(self, a, b, c): ...", False),  # a new required one
+])
+def test_an_override_must_accept_every_call_upstream_makes(override, ok):
+    import ast
+
+    upstream = ast.parse("def f(self, a, b=1): ...").body[0]
+    assert check_wheels.accepts_every_call(ast.parse(override).body[0], upstream) == ok
