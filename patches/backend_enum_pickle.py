@@ -11,6 +11,7 @@ from ._patch import CPU_0_32, CUDA_0_32, CUDA_0_33, Patch, carries_mark, mark_ap
 
 NAME = "backend_enum_pickle"
 TARGET = "vllm.v1.attention.backends.registry:AttentionBackendEnum.__reduce_ex__"
+REGISTER = "vllm.v1.attention.backends.registry:AttentionBackendEnum.register"
 
 
 def _install() -> None:
@@ -36,9 +37,9 @@ PATCH = Patch(
     upstream="none yet: plugin-registered enum members cannot survive spawn in vLLM 0.32",
     remove_when="vLLM loads general plugins before unpickling engine arguments",
     fingerprints={
-        CPU_0_32: {'vllm.v1.attention.backends.registry:AttentionBackendEnum.register': "c751d75289673feb"},
-        CUDA_0_32: {'vllm.v1.attention.backends.registry:AttentionBackendEnum.register': "c751d75289673feb"},
-        CUDA_0_33: {'vllm.v1.attention.backends.registry:AttentionBackendEnum.register': "c751d75289673feb"},
+        CPU_0_32: {REGISTER: "c751d75289673feb"},
+        CUDA_0_32: {REGISTER: "c751d75289673feb"},
+        CUDA_0_33: {REGISTER: "c751d75289673feb"},
     },
     install=_install,
     installed=carries_mark(TARGET, NAME),
