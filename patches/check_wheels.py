@@ -51,7 +51,10 @@ class Report:
     skipped: list[str] = field(default_factory=list)
 
     def check(self, ok: bool, what: str) -> None:
-        (self.passed if ok else self.failed).append(what)
+        """Record one check (a check met twice, e.g. one attribute used twice, counts once)."""
+        listed = self.passed if ok else self.failed
+        if what not in listed:
+            listed.append(what)
 
 
 def wheel_tree(build: Build, cache: Path, offline: bool) -> SourceTree:
