@@ -8,6 +8,8 @@ n_local 4096, L 4096 (Llama-2's trained length; window = L, so the oldest window
 exact and capped cases), pages of 16.
   decode:  64 requests at stream lengths >= 1e6. Bytes = K/V bytes of the visible keys
            (64 + 4096 per request) = 1.09 GB; SDPA decodes the same bytes laid out dense.
+           Tuning over keys per block x warps x pipeline depth x slices; then batch 1 and 8
+           (latency per layer, where launches rule), each beside SDPA on the same bytes.
   prefill: one 4096-token chunk at 1e6 (window full): 4096 x 4160 visible pairs, FLOPs =
            4 * pairs * head_dim * heads, written in bf16 into the step's output as the
            backend runs it; SDPA runs a dense 4096 x 4160 non-causal block. Also
@@ -31,8 +33,8 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lminf_vllm.attention import (build_plan, plan_tile_queries, rotation_for,  # noqa: E402
-                                  triton_decode, triton_prefill)
+from lminf_vllm.attention import (build_plan, plan_tile_queries, reference,  # noqa: E402
+                                  rotation_for, triton_decode, triton_prefill)
 from lminf_vllm.attention.rotation import QueryRotation  # noqa: E402
 from lminf_vllm.config import LMInfConfig  # noqa: E402
 
@@ -70,6 +72,31 @@ def setup(requests, page_size=16, trained_length=4096, chunk=4096, seed=0):
 
 def visible_keys(t):
     return min(t + 1, N_LOCAL) + min(N_GLOBAL, max(0, t + 1 - N_LOCAL))
+
+
+# Decode configurations (triton_decode.DECODE_BLOCKS keys and num_splits; each spells out
+# its key turn, the default changed). The H100's shape first (128 keys, 4 warps, 3 stages,
+# keys turned in float32), then the defaults. On the H200 (2026-12-01 runs, docs/kernels.md)
+# deeper pipelines (1-3 blocks in flight per program) and 8 warps lost (1.5-2.4 TB/s against
+# 3.5): they leave one program per SM, and the loop's arithmetic, not the loads, is what a
+# program waits on; smaller programs (more per SM) won.
+DECODE_CONFIGS = [
+    dict(block_keys=128, num_warps=4, num_stages=3, turn_in_input_dtype=False),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=False),
+    dict(block_keys=64, num_warps=2, num_stages=3, turn_in_input_dtype=False),
+    dict(block_keys=128, num_warps=4, num_stages=2, turn_in_input_dtype=True),
+    dict(block_keys=128, num_warps=4, num_stages=5, turn_in_input_dtype=False),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True, maxnreg=160),
+    dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True, num_splits=2),
+]
+PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
+                "general_block_n", "general_stages", "far_block_n", "turn_pages")
+# the long-window default first; then one knob at a time
+PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 2),
+                   (128, 128, 8, 3, 64, 2, 32, 1, 64, 4), (128, 128, 8, 3, 64, 2, 32, 2, 64, 8),
+                   (128, 128, 8, 3, 64, 2, 64, 2, 64, 8), (128, 128, 8, 3, 64, 3, 32, 1, 64, 8),
+                   (128, 128, 8, 4, 64, 2, 32, 1, 64, 8)]
 
 
 def registers(launch):
@@ -112,6 +139,17 @@ def decode_bench(position, batch=64, page_size=16, **kernel_args):
                 **registers(triton_decode.LAST_LAUNCH))
 
 
+def decode_error(batch=8, **kernel_args):
+    """‖out - ref‖ / ‖ref‖ of the decode kernel against reference.attend_group (float32 math
+    on the same bf16 inputs), requests at ~1e6."""
+    plan, q, kv, rot = setup([(1, 1_000_000 + 997 * i) for i in range(batch)], chunk=1)
+    (group,) = plan.groups
+    scale = HEAD_DIM ** -0.5
+    ref = reference.attend_group(plan, group, q, kv, rot, scale)
+    out = triton_decode.attend_group(plan, group, q, kv, rot, scale, **kernel_args)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 def sdpa_decode_bench(batch=64, keys=N_GLOBAL + N_LOCAL):
     q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
     k = torch.randn(batch, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -137,9 +175,11 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
             triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output,
                                         **kernel_args)
 
+    shape = dict(triton_prefill.block_shape(plan.config, DTYPE), **kernel_args)
+
     def turn_only():
         for group in plan.groups:
-            triton_prefill.turn_pages(group, kv, rot)
+            triton_prefill.turn_pages(group, kv, rot, shape["turn_pages"])
 
     pairs = sum(visible_keys(t) for t in range(position, position + chunk))
     flops = 4 * pairs * HEAD_DIM * HEADS
@@ -166,6 +206,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer tuning configurations")
+    parser.add_argument("--decode-only", action="store_true", help="the decode part alone")
     args = parser.parse_args()
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -181,19 +222,47 @@ def main():
     results["sdpa_decode"] = sdpa_decode_bench()
     print("sdpa decode", results["sdpa_decode"], flush=True)
     tune = []
-    for block_keys in (64, 128, 256):
-        for splits in (None, 2):
-            r = decode_bench(1_000_000, block_keys=block_keys, num_splits=splits)
-            tune.append(r)
-            print("decode", r, flush=True)
+    for config in DECODE_CONFIGS[: 4 if args.quick else None]:
+        r = decode_bench(1_000_000, **config)
+        r["rel_err_vs_reference_b8"] = decode_error(**config)
+        r["vs_sdpa_graph"] = r["tb_per_s_graph"] / results["sdpa_decode"]["tb_per_s_graph"]
+        tune.append(r)
+        print("decode", r, flush=True)
     results["decode_tuning"] = tune
     best = max(tune, key=lambda r: r["tb_per_s_graph"])
     results["decode_best"] = best
-    results["decode_b32"] = decode_bench(1_000_000, page_size=32,
-                                         block_keys=best["block_keys"],
-                                         num_splits=best["num_splits"])
+    results["decode_default"] = decode_bench(1_000_000)
+    print("decode defaults", results["decode_default"], flush=True)
+    best_args = {k: best[k] for k in set(triton_decode.DECODE_BLOCKS) | {"num_splits"}
+                 if k in best}
+    results["decode_b32"] = decode_bench(1_000_000, page_size=32, **best_args)
     print("decode B=32", results["decode_b32"], flush=True)
+    results["sdpa_decode_again"] = sdpa_decode_bench()  # SDPA's spread within the run
+    # small batches: launch overhead and too few programs rule; per layer, graph-replayed
+    small = []
+    for batch in (1, 8):
+        # the defaults (slices for PROGRAMS_PER_SM programs per SM), the best batch-64
+        # shape, and twice the defaults' slices (more small programs per SM)
+        auto = max(1, min(-(-(N_GLOBAL // 16 + N_LOCAL // 16 + 1) // 4),
+                          triton_decode.PROGRAMS_PER_SM * 132 // (batch * KV_HEADS)))
+        for args_ in ({}, dict(best_args, num_splits=None), dict(num_splits=2 * auto)):
+            r = decode_bench(1_000_000, batch=batch, **args_)
+            r["sdpa_dense"] = sdpa_decode_bench(batch=batch)
+            r["us_per_layer_graph"] = 1e3 * r["ms_graph"]
+            small.append(r)
+            print(f"decode batch {batch}", r, flush=True)
+    results["decode_small_batch"] = small
     save()
+    if args.decode_only:
+        for r in tune:
+            print(f"decode {r['tb_per_s_graph']:.2f} TB/s graph ({r['vs_sdpa_graph']:.0%} of SDPA)"
+                  f" regs {r['n_regs']} spills {r['n_spills']} err {r['rel_err_vs_reference_b8']:.1e}: "
+                  f"{ {k: r[k] for k in r if k in best_args} }")
+        for r in small:
+            print(f"decode batch {r['batch']:>2} splits {r.get('num_splits')}: "
+                  f"{r['us_per_layer_graph']:.1f} us per layer "
+                  f"(graph); SDPA dense {1e3 * r['sdpa_dense']['ms_graph']:.1f} us")
+        return
 
     # ---- prefill ----
     results["sdpa_prefill_window"] = sdpa_prefill_bench(4096, N_GLOBAL + N_LOCAL, False)
@@ -201,14 +270,8 @@ def main():
     print("sdpa prefill", results["sdpa_prefill_window"], results["sdpa_prefill_causal"],
           flush=True)
     tune = []
-    keys = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
-            "general_block_n", "far_block_n")
-    configs = [(128, 128, 8, 3, 64, 2, 32, 64), (128, 128, 8, 3, 64, 1, 32, 64),
-               (128, 128, 8, 3, 32, 2, 32, 64), (128, 128, 8, 3, 64, 2, 32, 32),
-               (128, 128, 8, 3, 64, 2, 16, 64), (128, 128, 8, 2, 64, 2, 32, 64),
-               (128, 64, 8, 3, 64, 2, 32, 64), (64, 64, 4, 3, 64, 1, 32, 64)]
-    if args.quick:
-        configs = configs[:2]
+    keys = PREFILL_KEYS
+    configs = PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS
     for config in configs:
         kernel_args = dict(zip(keys, config))
         try:
@@ -249,7 +312,7 @@ def main():
     save()
 
     # ---- flat cost ----
-    dec_args = {k: results["decode_best"][k] for k in ("block_keys", "num_splits")}
+    dec_args = best_args
     flat = []
     for position in (10_000, 1_000_000, 100_000_000, 200_000_000):
         d = decode_bench(position, **dec_args)
@@ -270,7 +333,11 @@ def main():
     print("\n== summary (bf16, 32/8 heads, d128, n_global 64, n_local 4096) ==")
     print(f"decode  SDPA dense {sd['tb_per_s_graph']:.2f} TB/s | Λ paged {bd['tb_per_s_graph']:.2f}"
           f" TB/s (graph; eager {bd['tb_per_s']:.2f}) -> {bd['tb_per_s_graph']/sd['tb_per_s_graph']:.0%}"
-          f" [block_keys {bd['block_keys']}, splits {bd['num_splits']}]")
+          f" {best_args}; defaults {results['decode_default']['tb_per_s_graph']:.2f} TB/s")
+    for r in results["decode_small_batch"]:
+        print(f"decode batch {r['batch']:>2} {r.get('block_keys')}/{r.get('num_stages')}: "
+              f"{r['us_per_layer_graph']:.1f} us per layer (graph; eager {1e3 * r['ms']:.1f}); "
+              f"SDPA dense {1e3 * r['sdpa_dense']['ms_graph']:.1f} us")
     print(f"prefill SDPA window {sw['tflops']:.0f} TF/s | Λ {bp['tflops']:.0f} TF/s -> "
           f"{bp['tflops']/sw['tflops']:.0%}; first chunk Λ {fc['tflops']:.0f} vs SDPA causal "
           f"{sc['tflops']:.0f} TF/s")

@@ -1,4 +1,4 @@
-"""Stream runner: one long stream through the tiny Llama with the plugin's planning, cache and kernels.
+"""Stream runner: one long stream through a Llama with the plugin's planning, cache and kernels.
 
 No vLLM (the GPU machine has none): the model's safetensors run layer by layer in plain
 PyTorch, with exactly what the plugin does inside vLLM around attention:
@@ -8,7 +8,8 @@ PyTorch, with exactly what the plugin does inside vLLM around attention:
   * one request owns G pinned pages and a ring of R pages (num_ring_pages), so the cache
     never grows however long the stream.
 
-Parts:
+Parts (the model: the tiny Llama's safetensors, or --random-model 1b, a Llama-3.2-1B-shaped
+model with random weights drawn on the device):
   1. the stream: the val text cycled, fed in chunks of --chunk tokens, up to --tokens or until
      --seconds run out; perplexity over the --eval-tokens tokens after each checkpoint (those
      tokens are always val[:eval_tokens], so every checkpoint scores the same text), GPU memory
@@ -17,7 +18,12 @@ Parts:
      once with torch.cuda.CUDAGraph and replayed for --graph-steps tokens across a ring wrap;
      logits must equal an eager run from the same cache state.
 
+  3. --throughput P1,P2,..: prefill (chunks of L) and decode (CUDA graph) tokens/s of the
+     Λ path at those stream positions, against the same model with the stock attention (a
+     dense cache, torch SDPA causal) at a stream of L tokens, its best case; same run.
+
     python bench/stream_runner.py --tokens 200000000 --out stream.json       # GPU
+    python bench/stream_runner.py --random-model 1b --throughput 1e4,1e6,1e7 --out t.json
     python bench/stream_runner.py --device cpu --tokens 3000 --chunk 256 \
         --checkpoints 1000,2000 --eval-tokens 256 --out /tmp/s.json           # CPU smoke test
 """
@@ -25,6 +31,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -48,19 +55,57 @@ DEFAULT_MODEL = ROOT / "tests/assets/tiny-llama-L256"
 DEFAULT_VAL = [ROOT / ".gpudata/val.npy", Path("/work/shared/data/val.npy")]
 CHECKPOINTS = (10_000, 100_000, 1_000_000, 10_000_000, 100_000_000, 200_000_000)
 PAGE_SIZE = 16
-DECODE_PAGES = 32  # fixed page width of the decode plan (>= G + window pages), for graphs
 
 
-class TinyLlama:
-    """A Llama forward over the plugin's paged cache, one chunk of one stream at a time."""
+# A Llama-3.2-1B-shaped model (16 layers, 2048 hidden, 32/8 heads, d 64), L = 4096: built with
+# random weights on the device by --random-model 1b (nothing downloaded or carried).
+RANDOM_MODELS = {"1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                            vocab_size=128256, max_position_embeddings=4096,
+                            rms_norm_eps=1e-5, rope_theta=500000.0)}
 
-    def __init__(self, model_dir: Path, device, dtype, config_overrides: dict, chunk: int):
-        cfg = json.loads((model_dir / "config.json").read_text())
-        weights = {}
-        for shard in sorted(model_dir.glob("*.safetensors")):
-            weights.update(load_file(str(shard)))
-        self.w = {k.removeprefix("model."): v.to(device=device, dtype=dtype)
-                  for k, v in weights.items()}
+
+def load_model_dir(model_dir: Path):
+    """config dict and weights of a safetensors Llama checkpoint."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    weights = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return cfg, {k.removeprefix("model."): v for k, v in weights.items()}
+
+
+def random_weights(cfg: dict, device, dtype, seed: int = 0) -> dict:
+    """Llama weights drawn on the device (normal, std 0.02; norms 1), lm_head tied."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
+    draw = lambda *shape: (0.02 * torch.randn(*shape, generator=g, device=device)  # noqa: E731
+                           ).to(dtype)
+    w = {"embed_tokens.weight": draw(cfg["vocab_size"], hidden),
+         "norm.weight": torch.ones(hidden, device=device, dtype=dtype)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"layers.{i}."
+        w.update({p + "input_layernorm.weight": torch.ones(hidden, device=device, dtype=dtype),
+                  p + "post_attention_layernorm.weight": torch.ones(hidden, device=device,
+                                                                    dtype=dtype),
+                  p + "self_attn.q_proj.weight": draw(q_dim, hidden),
+                  p + "self_attn.k_proj.weight": draw(kv_dim, hidden),
+                  p + "self_attn.v_proj.weight": draw(kv_dim, hidden),
+                  p + "self_attn.o_proj.weight": draw(hidden, q_dim),
+                  p + "mlp.gate_proj.weight": draw(inter, hidden),
+                  p + "mlp.up_proj.weight": draw(inter, hidden),
+                  p + "mlp.down_proj.weight": draw(hidden, inter)})
+    return w
+
+
+class Llama:
+    """A Llama forward in plain PyTorch, one chunk of one stream at a time; attention is
+    handed in (`attend(layer, q, k, v) -> out`), so the Λ paged cache and the dense baseline
+    run the same model code."""
+
+    def __init__(self, cfg: dict, weights: dict, device, dtype):
+        self.w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         if "lm_head.weight" not in self.w:
             self.w["lm_head.weight"] = self.w["embed_tokens.weight"]  # tied
         self.layers = cfg["num_hidden_layers"]
@@ -69,42 +114,24 @@ class TinyLlama:
         self.head_dim = cfg.get("head_dim", cfg["hidden_size"] // self.heads)
         self.eps = cfg["rms_norm_eps"]
         self.device, self.dtype = device, dtype
-        trained_length = cfg["max_position_embeddings"]
+        self.trained_length = cfg["max_position_embeddings"]
         theta = cfg.get("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
         inv_freq = 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64)
                                    / self.head_dim)
-        angle = torch.arange(trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
-        table = torch.cat([angle.cos(), angle.sin()], dim=1).float()      # the model's cache
-        model_rotation = QueryRotation.from_model_table(table, trained_length + 1, True)
-        self.rope_cos = table[:, : self.head_dim // 2].to(device)
-        self.rope_sin = table[:, self.head_dim // 2:].to(device)
-        self.config = LMInfConfig(
-            n_global=config_overrides.get("n_global", DEFAULT_N_GLOBAL),
-            n_local=config_overrides.get("n_local", trained_length),
-            trained_length=trained_length, page_size=PAGE_SIZE, max_prefill_chunk_tokens=chunk)
-        # the table and tiles the backend uses on this device
-        self.rotation = rotation_for(model_rotation, self.config, device)
-        self.tile_queries = plan_tile_queries(self.config, device)
-        width = self.config.num_pinned_pages + self.config.num_ring_pages
-        self.block_table = torch.arange(width).view(1, width)             # host, one request
-        self.kv = [torch.zeros(width, self.kv_heads, PAGE_SIZE, 2 * self.head_dim,
-                               device=device, dtype=dtype) for _ in range(self.layers)]
+        angle = torch.arange(self.trained_length + 1, dtype=torch.float64)[:, None] * inv_freq
+        self.table = torch.cat([angle.cos(), angle.sin()], dim=1).float()  # the model's cache
+        self.rope_cos = self.table[:, : self.head_dim // 2].to(device)
+        self.rope_sin = self.table[:, self.head_dim // 2:].to(device)
         self.scale = self.head_dim ** -0.5
-
-    def plan(self, start: int, length: int, min_pages: int = 0) -> AttentionPlan:
-        """The step's plan, built on the host and moved without a sync."""
-        plan = build_plan(self.config, np.array([0, length]), np.array([start + length]),
-                          self.block_table, num_ring_pages=self.config.num_ring_pages,
-                          tile_queries=self.tile_queries, min_pages=min_pages)
-        return to_device(plan, self.device)
 
     def rms(self, x, name):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.w[name].float()).to(self.dtype)
 
-    def forward(self, tokens, frame_position, plan: AttentionPlan):
-        """Logits [T, vocab] float32 of tokens [T] whose key-frame positions are given."""
+    def forward(self, tokens, frame_position, attend, last_only: bool = False):
+        """Logits [T, vocab] float32 of tokens [T] whose RoPE positions are given (the last
+        row alone with last_only, as a server samples after a prompt chunk)."""
         w = self.w
         x = w["embed_tokens.weight"][tokens]
         cos = self.rope_cos[frame_position][:, None]
@@ -118,15 +145,101 @@ class TinyLlama:
             v = (h @ w[p + "self_attn.v_proj.weight"].T).view(t, self.kv_heads, self.head_dim)
             q = rotate(q.float(), cos, sin, True).to(self.dtype)
             k = rotate(k.float(), cos, sin, True).to(self.dtype)
-            attention.write_kv(plan, k, v, self.kv[i])
-            out = torch.empty_like(q)
-            attention.run(plan, q, self.kv[i], out, self.rotation, self.scale)
+            out = attend(i, q, k, v)
             x = x + out.view(t, -1) @ w[p + "self_attn.o_proj.weight"].T
             h = self.rms(x, p + "post_attention_layernorm.weight")
             gate = F.silu(h @ w[p + "mlp.gate_proj.weight"].T)
             x = x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        if last_only:
+            x = x[-1:]
         x = self.rms(x, "norm.weight")
         return (x @ w["lm_head.weight"].T).float()
+
+
+class LambdaCache:
+    """The plugin's side of a step: G pinned pages and a ring of R pages per layer, plans,
+    keys/values written through plan.slot_mapping, attention.run (the kernels on CUDA). RoPE
+    is fed positions mod B (the page-local key frame, DESIGN §3)."""
+
+    def __init__(self, model: Llama, config_overrides: dict, chunk: int):
+        self.model = model
+        self.config = LMInfConfig(
+            n_global=config_overrides.get("n_global", DEFAULT_N_GLOBAL),
+            n_local=config_overrides.get("n_local", model.trained_length),
+            trained_length=model.trained_length, page_size=PAGE_SIZE,
+            max_prefill_chunk_tokens=chunk)
+        model_rotation = QueryRotation.from_model_table(model.table, model.trained_length + 1,
+                                                        True)
+        # the table and tiles the backend uses on this device
+        self.rotation = rotation_for(model_rotation, self.config, model.device)
+        self.tile_queries = plan_tile_queries(self.config, model.device)
+        width = self.config.num_pinned_pages + self.config.num_ring_pages
+        # fixed page width of decode plans, for graphs: the most pages a decode query sees
+        self.decode_pages = (self.config.num_pinned_pages
+                             + -(-self.config.n_local // PAGE_SIZE) + 1)
+        self.block_table = torch.arange(width).view(1, width)             # host, one request
+        self.kv = [torch.zeros(width, model.kv_heads, PAGE_SIZE, 2 * model.head_dim,
+                               device=model.device, dtype=model.dtype)
+                   for _ in range(model.layers)]
+
+    def plan(self, start: int, length: int, min_pages: int = 0) -> AttentionPlan:
+        """The step's plan, built on the host and moved without a sync."""
+        plan = build_plan(self.config, np.array([0, length]), np.array([start + length]),
+                          self.block_table, num_ring_pages=self.config.num_ring_pages,
+                          tile_queries=self.tile_queries, min_pages=min_pages)
+        return to_device(plan, self.model.device)
+
+    def frame(self, start: int, length: int):
+        return torch.arange(start, start + length, device=self.model.device) % PAGE_SIZE
+
+    def attend(self, plan: AttentionPlan):
+        def attend(layer, q, k, v):
+            attention.write_kv(plan, k, v, self.kv[layer])
+            out = torch.empty_like(q)
+            attention.run(plan, q, self.kv[layer], out, self.rotation, self.model.scale)
+            return out
+        return attend
+
+    def forward(self, tokens, start: int, plan: AttentionPlan | None = None, **kwargs):
+        plan = plan if plan is not None else self.plan(start, tokens.shape[0])
+        return self.model.forward(tokens, self.frame(start, tokens.shape[0]),
+                                  self.attend(plan), **kwargs)
+
+
+class DenseCache:
+    """The baseline: the stock model's attention, a dense [Hkv, L, D] key and value cache per
+    layer and torch SDPA (causal over a prompt chunk, the whole cache for a decode token),
+    RoPE at absolute positions. It only runs within L tokens (its best case)."""
+
+    def __init__(self, model: Llama):
+        self.model = model
+        shape = (model.kv_heads, model.trained_length, model.head_dim)
+        self.k = [torch.zeros(shape, device=model.device, dtype=model.dtype)
+                  for _ in range(model.layers)]
+        self.v = [torch.zeros_like(x) for x in self.k]
+        self.group = model.heads // model.kv_heads
+
+    def attend(self, positions):
+        """positions: [T] device int64, consecutive, the chunk's absolute positions; a prompt
+        chunk starts at 0 (causal over itself), a decode token sees every earlier key."""
+        def attend(layer, q, k, v):
+            self.k[layer].index_copy_(1, positions, k.transpose(0, 1))
+            self.v[layer].index_copy_(1, positions, v.transpose(0, 1))
+            t = q.shape[0]
+            if t == 1:   # decode: the whole cache (static shape, graph-safe)
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], self.k[layer][None], self.v[layer][None],
+                    enable_gqa=True)
+            else:        # prompt chunk from position 0: causal over its t keys (flash path)
+                keys, values = (x[layer][:, :t].repeat_interleave(self.group, 0)[None]
+                                for x in (self.k, self.v))
+                out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values,
+                                                     is_causal=True)
+            return out[0].transpose(0, 1).contiguous()
+        return attend
+
+    def forward(self, tokens, positions, **kwargs):
+        return self.model.forward(tokens, positions, self.attend(positions), **kwargs)
 
 
 def to_device(plan: AttentionPlan, device) -> AttentionPlan:
@@ -156,9 +269,9 @@ class Text:
         return out
 
 
-def stream(model: TinyLlama, text: Text, total: int, chunk: int, seconds: float, log):
+def stream(cache: LambdaCache, text: Text, total: int, chunk: int, seconds: float, log):
     """Feed the stream; return per-checkpoint perplexity, memory and timing."""
-    device = model.device
+    device = cache.model.device
     cps = [int(c) for c in text.checkpoints]
     nll_sum = torch.zeros(len(cps), dtype=torch.float64, device=device)
     count = [0] * len(cps)
@@ -172,9 +285,7 @@ def stream(model: TinyLlama, text: Text, total: int, chunk: int, seconds: float,
         ids_t = torch.from_numpy(ids)
         if device != "cpu":
             ids_t = ids_t.pin_memory().to(device, non_blocking=True)
-        frame = torch.arange(position, position + length, device=device) % PAGE_SIZE
-        plan = model.plan(position, length)
-        logits = model.forward(ids_t[:-1], frame, plan)
+        logits = cache.forward(ids_t[:-1], position)
         nll = F.cross_entropy(logits, ids_t[1:], reduction="none")
         for i, cp in enumerate(cps):
             lo, hi = max(cp, position), min(cp + text.eval_tokens, position + length)
@@ -216,69 +327,89 @@ def stream(model: TinyLlama, text: Text, total: int, chunk: int, seconds: float,
     return results
 
 
-def decode_graph_check(model_dir, device, dtype, val, steps: int, prefill: int, log):
+class DecodeGraph:
+    """One decode step (embedding to logits, kernels included) captured in a CUDA graph with
+    static inputs; `step(position, token)` refreshes them (the plan built on the host and
+    copied without a sync, the token, the RoPE frame) and replays."""
+
+    def __init__(self, cache, position: int, token):
+        self.cache = cache
+        device = cache.model.device
+        self.token = token.clone()
+        if isinstance(cache, LambdaCache):
+            self.plan = cache.plan(position, 1, min_pages=cache.decode_pages)
+            self.frame = torch.tensor([position % PAGE_SIZE], device=device)
+            run = lambda: cache.model.forward(self.token, self.frame,  # noqa: E731
+                                              cache.attend(self.plan))
+        else:
+            self.frame = torch.tensor([position], device=device)
+            run = lambda: cache.forward(self.token, self.frame)  # noqa: E731
+        saved = self.cache_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up compiles every kernel outside the capture
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.restore(saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = run()
+        self.restore(saved)
+
+    def cache_state(self):
+        c = self.cache
+        return [x.clone() for x in (c.kv if isinstance(c, LambdaCache) else c.k + c.v)]
+
+    def restore(self, saved):
+        c = self.cache
+        for x, y in zip(c.kv if isinstance(c, LambdaCache) else c.k + c.v, saved):
+            x.copy_(y)
+
+    def step(self, position: int, token):
+        if isinstance(self.cache, LambdaCache):
+            plan = self.cache.plan(position, 1, min_pages=self.cache.decode_pages)
+            self.plan.slot_mapping.copy_(plan.slot_mapping, non_blocking=True)
+            for a, b in zip(self.plan.groups, plan.groups):
+                for x, y in zip((a.query_rows, a.query_position, a.page_block, a.page_base),
+                                (b.query_rows, b.query_position, b.page_block, b.page_base)):
+                    x.copy_(y, non_blocking=True)
+            self.frame.fill_(position % PAGE_SIZE)
+        else:
+            self.frame.fill_(position)
+        self.token.copy_(token, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
+def decode_graph_check(cache: LambdaCache, val, steps: int, prefill: int, log):
     """Decode steps eager vs replayed from one captured CUDA graph, across a ring wrap."""
     chunk = 64
-    model = TinyLlama(model_dir, device, dtype, {}, chunk)
-    ring_tokens = model.config.num_ring_pages * PAGE_SIZE
+    device = cache.model.device
+    ring_tokens = cache.config.num_ring_pages * PAGE_SIZE
     text = Text(val, [], 0)
     for start in range(0, prefill, chunk):
-        ids = torch.from_numpy(text.tokens(start, start + chunk)).to(device)
-        frame = torch.arange(start, start + chunk, device=device) % PAGE_SIZE
-        model.forward(ids, frame, model.plan(start, chunk))
-    saved = [k.clone() for k in model.kv]
+        cache.forward(torch.from_numpy(text.tokens(start, start + chunk)).to(device), start)
+    saved = [k.clone() for k in cache.kv]
     ids = torch.from_numpy(text.tokens(prefill, prefill + steps)).to(device)
 
-    # eager
-    eager = []
-    for s in range(steps):
-        pos = prefill + s
-        plan = model.plan(pos, 1, min_pages=DECODE_PAGES)
-        frame = torch.tensor([pos % PAGE_SIZE], device=device)
-        eager.append(model.forward(ids[s:s + 1], frame, plan))
-    eager = torch.cat(eager)
-
-    # graph: static inputs, refreshed by copies before each replay
-    for k, s in zip(model.kv, saved):
+    eager = torch.cat([cache.forward(ids[s:s + 1], prefill + s,
+                                     cache.plan(prefill + s, 1, min_pages=cache.decode_pages))
+                       for s in range(steps)])
+    for k, s in zip(cache.kv, saved):
         k.copy_(s)
-    static_plan = model.plan(prefill, 1, min_pages=DECODE_PAGES)
-    static_token = ids[:1].clone()
-    static_frame = torch.tensor([prefill % PAGE_SIZE], device=device)
-
-    def refresh(pos, s):
-        plan = model.plan(pos, 1, min_pages=DECODE_PAGES)
-        static_plan.slot_mapping.copy_(plan.slot_mapping)
-        for a, b in zip(static_plan.groups, plan.groups):
-            for x, y in zip((a.query_rows, a.query_position, a.page_block, a.page_base),
-                            (b.query_rows, b.query_position, b.page_block, b.page_base)):
-                x.copy_(y)
-        static_token.copy_(ids[s:s + 1])
-        static_frame.fill_(pos % PAGE_SIZE)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up compiles every kernel outside the capture
-        model.forward(static_token, static_frame, static_plan)
-    torch.cuda.current_stream().wait_stream(side)
-    for k, s in zip(model.kv, saved):
-        k.copy_(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = model.forward(static_token, static_frame, static_plan)
+    graph = DecodeGraph(cache, prefill, ids[:1])
     replayed = []
     torch.cuda.synchronize()
     t0 = time.time()
     for s in range(steps):
-        refresh(prefill + s, s)
-        graph.replay()
-        replayed.append(static_logits.clone())
+        replayed.append(graph.step(prefill + s, ids[s:s + 1]).clone())
     torch.cuda.synchronize()
     replay_s = time.time() - t0
     replayed = torch.cat(replayed)
     # replay time alone, without the host-side planning
     t1 = time.time()
     for _ in range(steps):
-        graph.replay()
+        graph.graph.replay()
     torch.cuda.synchronize()
     pure_replay_s = time.time() - t1
     diff = (replayed - eager).abs().max().item()
@@ -290,10 +421,109 @@ def decode_graph_check(model_dir, device, dtype, val, steps: int, prefill: int, 
     return result
 
 
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of fn over `repeats` calls enqueued back to back (host planning of
+    the next call overlaps the device's work, as in a pipelined server; synchronising every
+    call instead exposes the host's time: 3.5 vs 2.7 ms per Λ decode step, 2026-12-01 21:12
+    run), after a collection so that no earlier graph is released inside the timing."""
+    gc.collect()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        fn(i)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int,
+                      decode_steps: int, seed: int, log):
+    """Prefill and decode tokens/s of the Λ path at a stream position.
+
+    The stream's first chunk fills the global pages, then it jumps to two windows before
+    `position` and runs up to it (the ring then holds the window's real keys, as a stream
+    that had run all the way would); time: `chunks` chunks from `position` (host planning
+    included), then `decode_steps` graph-replayed decode steps after them (plan refreshed
+    per step), and the same graph replayed alone.
+    """
+    device = cache.model.device
+    vocab = cache.model.w["embed_tokens.weight"].shape[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = lambda n: torch.randint(0, vocab, (n,), generator=g, device=device)  # noqa: E731
+    starts = [0] + list(range(max(chunk, position - 2 * cache.config.n_local), position, chunk))
+    for start in starts:
+        cache.forward(tokens(min(chunk, position - start)), start, last_only=True)
+    prompt = [tokens(chunk) for _ in range(chunks)]
+    prefill_s = timed(lambda i: cache.forward(prompt[i], position + i * chunk, last_only=True),
+                      chunks)
+    at = position + chunks * chunk
+    graph = DecodeGraph(cache, at, tokens(1))
+    ids = tokens(decode_steps)
+    decode_s = timed(lambda i: graph.step(at + i, ids[i:i + 1]), decode_steps)
+    replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
+    del graph
+    result = dict(position=position, prefill_tokens_per_s=chunk / prefill_s,
+                  prefill_ms_per_chunk=1e3 * prefill_s, decode_position=at,
+                  decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
+                  decode_ms_per_step_replay_only=1e3 * replay_s,
+                  memory_allocated=torch.cuda.memory_allocated())
+    log(f"lminf @ {position:>11,}: {result}")
+    return result
+
+
+def throughput_dense(dense: DenseCache, chunk: int, chunks: int, decode_steps: int, seed: int,
+                     log):
+    """The baseline's best case: a prompt chunk of L tokens from position 0 (causal), and
+    decode of the token at L - 1 over the full dense cache, graph-replayed."""
+    model = dense.model
+    device = model.device
+    length = model.trained_length
+    vocab = model.w["embed_tokens.weight"].shape[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    prompt = [torch.randint(0, vocab, (length,), generator=g, device=device)
+              for _ in range(chunks)]
+    positions = torch.arange(length, device=device)
+    dense.forward(prompt[0], positions, last_only=True)  # warm-up
+    prefill_s = timed(lambda i: dense.forward(prompt[i], positions, last_only=True), chunks)
+    graph = DecodeGraph(dense, length - 1, prompt[0][:1])
+    ids = torch.randint(0, vocab, (decode_steps,), generator=g, device=device)
+    decode_s = timed(lambda i: graph.step(length - 1, ids[i:i + 1]), decode_steps)
+    replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
+    del graph
+    result = dict(prompt_tokens=length, prefill_tokens_per_s=length / prefill_s,
+                  prefill_ms_per_chunk=1e3 * prefill_s, decode_position=length - 1,
+                  decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
+                  decode_ms_per_step_replay_only=1e3 * replay_s,
+                  memory_allocated=torch.cuda.memory_allocated())
+    log(f"dense SDPA @ L: {result}")
+    return result
+
+
+def throughput(model: Llama, positions, chunk: int, args, log) -> dict:
+    """Λ at each position against the dense baseline at L, same model, same run; the
+    baseline runs before and after (clocks can drift over a run) and the faster of its two
+    runs is the reference, per measure."""
+    dense = DenseCache(model)
+    results = dict(dense=throughput_dense(dense, chunk, args.chunks, args.decode_steps, 1, log))
+    cache = LambdaCache(model, {} if args.n_local is None else {"n_local": args.n_local}, chunk)
+    results["config"] = dict(vars(cache.config), num_pinned_pages=cache.config.num_pinned_pages,
+                             num_ring_pages=cache.config.num_ring_pages)
+    results["lminf"] = [throughput_lambda(cache, p, chunk, args.chunks, args.decode_steps, 2,
+                                          log) for p in positions]
+    results["dense_after"] = throughput_dense(dense, chunk, args.chunks, args.decode_steps, 3,
+                                              log)
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        best = max(results["dense"][key], results["dense_after"][key])
+        for r in results["lminf"]:
+            r[key.split("_")[0] + "_vs_dense"] = r[key] / best
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS), default=None,
+                        help="random weights of this shape, drawn on the device (no --model)")
     parser.add_argument("--val", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=200_000_000 + 16_384)
@@ -303,29 +533,60 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=16_384)
     parser.add_argument("--graph-steps", type=int, default=400)
     parser.add_argument("--n-local", type=int, default=None)
+    parser.add_argument("--throughput", default=None, metavar="POSITIONS",
+                        help="comma-separated stream positions: prefill and decode tokens/s "
+                             "there (chunk = L) against the dense SDPA baseline at L, instead "
+                             "of the perplexity stream")
+    parser.add_argument("--chunks", type=int, default=24, help="timed prompt chunks (throughput)")
+    parser.add_argument("--decode-steps", type=int, default=200, help="timed decode steps")
     args = parser.parse_args()
-    val_path = Path(args.val) if args.val else next(p for p in DEFAULT_VAL if p.exists())
-    val = np.load(val_path)
     dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = dict(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                    device=(torch.cuda.get_device_name() if args.device != "cpu" else "cpu"),
                    torch=torch.__version__, args=vars(args))
+    if args.random_model:
+        cfg = RANDOM_MODELS[args.random_model]
+        model = Llama(cfg, random_weights(cfg, args.device, dtype), args.device, dtype)
+    else:
+        cfg, weights = load_model_dir(Path(args.model))
+        model = Llama(cfg, weights, args.device, dtype)
+    results["model"] = dict(cfg, random=bool(args.random_model))
 
     def save():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 
+    if args.throughput:
+        if args.device == "cpu":
+            raise SystemExit("--throughput times CUDA graphs: run it on the GPU")
+        positions = [int(float(p)) for p in args.throughput.split(",")]
+        results["throughput"] = throughput(model, positions, model.trained_length, args, log)
+        save()
+        t = results["throughput"]
+        d, a = t["dense"], t["dense_after"]
+        print(f"\n== throughput (bf16, chunk {model.trained_length}; dense SDPA at L, before / "
+              f"after: prefill {d['prefill_tokens_per_s']:,.0f} / {a['prefill_tokens_per_s']:,.0f}"
+              f" tok/s, decode {d['decode_tokens_per_s']:,.0f} / {a['decode_tokens_per_s']:,.0f}"
+              f" tok/s) ==")
+        for r in t["lminf"]:
+            print(f"  lminf @ {r['position']:>11,}: prefill {r['prefill_tokens_per_s']:,.0f} "
+                  f"tok/s (x{r['prefill_vs_dense']:.3f}), decode "
+                  f"{r['decode_tokens_per_s']:,.0f} tok/s (x{r['decode_vs_dense']:.3f})")
+        return
+
+    val_path = Path(args.val) if args.val else next(p for p in DEFAULT_VAL if p.exists())
+    val = np.load(val_path)
+    overrides = {} if args.n_local is None else {"n_local": args.n_local}
     if args.device != "cpu" and args.graph_steps:
-        results["decode_graph"] = decode_graph_check(Path(args.model), args.device, dtype, val,
+        results["decode_graph"] = decode_graph_check(LambdaCache(model, overrides, 64), val,
                                                      args.graph_steps, 600, log)
         save()
-    overrides = {} if args.n_local is None else {"n_local": args.n_local}
-    model = TinyLlama(Path(args.model), args.device, dtype, overrides, args.chunk)
-    results["config"] = dict(vars(model.config), num_pinned_pages=model.config.num_pinned_pages,
-                             num_ring_pages=model.config.num_ring_pages)
+    cache = LambdaCache(model, overrides, args.chunk)
+    results["config"] = dict(vars(cache.config), num_pinned_pages=cache.config.num_pinned_pages,
+                             num_ring_pages=cache.config.num_ring_pages)
     text = Text(val, [int(c) for c in args.checkpoints.split(",")], args.eval_tokens)
-    results["stream"] = stream(model, text, args.tokens, args.chunk, args.seconds, log)
+    results["stream"] = stream(cache, text, args.tokens, args.chunk, args.seconds, log)
     save()
     s = results["stream"]
     print(f"\n== stream: {s['tokens']:,} tokens in {s['seconds']:.1f} s "

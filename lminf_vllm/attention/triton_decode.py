@@ -12,34 +12,56 @@ by -angle: rotations are orthogonal, so <R(a) q, k> = <q, R(-a) k>, and one bloc
 can then span several pages with different angles. Cos and sin come from the model's own
 table (QueryRotation.cos_sin), indexed by |angle| with the sign folded into sin.
 
-Flash-decoding: the page list of each request is cut into `num_splits` slices, each slice
-is one program per (request, KV head) that keeps the whole GQA group of query heads in the
-rows of its tiles, and the launcher merges the slices by log-sum-exp in PyTorch (no host
-sync: CUDA-graph safe).
+Flash-decoding (split-K): the page list of each request is cut into `num_splits` slices,
+each slice is one program per (request, KV head) that keeps the whole GQA group of query
+heads in the rows of its tiles, and `merge_splits_kernel` merges the slices by log-sum-exp
+in one launch (no host sync: CUDA-graph safe). Given the step's output, the last launch
+(the decode kernel itself when there is one slice) writes each request's row there in the
+output's dtype.
 
-Small @triton.jit helpers here (`rope_halves`, `cos_sin`, `rotate`) are shared with
+The loop over key blocks is software-pipelined by Triton (keys and values through
+asynchronous copies into shared memory, the page lookups a stage ahead). Deeper pipelines
+buy nothing here: what limits the kernel is the per-block arithmetic (the key turn, layout
+changes for the products) of too few programs per multiprocessor, so the defaults keep
+programs small (DECODE_BLOCKS).
+
+Small @triton.jit helpers here (`rope_halves`, `cos_sin`, `rotate`, `dot`) are shared with
 triton_prefill.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-# Keys per inner-loop block: 128 keys of 128 dims in bf16 are 32 KB of K plus 32 KB of V in
-# flight per program; measured best on the H100 (64: 2.1 TB/s, 128: 2.9, 256 spills: 1.3;
-# bench/results/bench_kernels.json).
-DECODE_BLOCK_KEYS = 128
-# Programs the launcher aims for (about 4 per SM of an H100's 132), reached by splitting
-# each request's pages when batch * KV heads alone is smaller.
-TARGET_PROGRAMS = 528
+# Keys per inner-loop block, warps, pipeline depth, keys turned in the input dtype (packed
+# bf16/fp16 arithmetic: fewer registers than float32) and an optional register cap. What
+# limits this kernel is how many programs share a multiprocessor (the loop's arithmetic is
+# what a program waits on, not its loads): 64-key blocks of 2 warps, 2 stages and keys
+# turned in bf16 take 185 registers and 41 KB of shared memory, 5 programs per SM, and ran
+# at 4.05 TB/s on the H200 (90% of SDPA's dense decode, same run) against 3.51 for the
+# H100's earlier best (128 keys, 4 warps, 3 stages, float32 turn: 2 programs per SM) and
+# 1.5-2.4 for deeper pipelines (one program per SM); bench/results/bench_kernels.json,
+# decode_tuning. The bf16 turn moves the error against the float32 reference from 2.3e-3
+# to 2.9e-3 (tolerance 1.6e-2).
+DECODE_BLOCKS = dict(block_keys=64, num_warps=2, num_stages=2, turn_in_input_dtype=True,
+                     maxnreg=None)
+# float32 operands (IEEE products): 32-key blocks fit without spills (sm_90 compile: 255
+# registers, 60 KB of shared memory; 64 keys spill).
+FLOAT32_DECODE_BLOCKS = dict(block_keys=32, num_warps=4, num_stages=3, turn_in_input_dtype=False,
+                             maxnreg=None)
+# Programs the launcher aims for per multiprocessor, reached by splitting each request's
+# pages when batch * KV heads alone is smaller.
+PROGRAMS_PER_SM = 4
+# Multiprocessors assumed where the tensors are not on a GPU (the interpreter, compile
+# tests): an H100's or H200's.
+DEFAULT_MULTIPROCESSORS = 132
 # tl.dot needs at least 16 rows; a GQA group smaller than that is padded.
 MIN_DOT_ROWS = 16
-DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 3
 # Masked logits: finite, so that exp2(m_old - m_new) of an all-masked block is 0, not NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 LOG2E = 1.4426950408889634  # 1 / ln(2): the kernels use exp2
@@ -114,12 +136,22 @@ def rotate(x1, x2, cos, sin):
 
 
 @triton.jit
+def dot(a, b, acc=None):
+    """tl.dot in the operands' own precision: IEEE float32 for float32 operands (Triton's
+    default there is TF32, whose 10-bit mantissa would break the float32 contract)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def lambda_decode_kernel(
     # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [L + 1, rotary_dim] f32
     q_ptr, kv_ptr, table_ptr,
     # TileGroup tensors: query_rows, query_position [N, 1]; page_block, page_base [N, P]
     rows_ptr, pos_ptr, block_ptr, base_ptr,
-    # outputs: out [N, S, H, D] f32 (normalised per slice), lse [N, S, H] f32 (log2 units)
+    # outputs: out [N, S, H, D] f32 (normalised per slice), lse [N, S, H] f32 (log2 units);
+    # or, TO_STEP_ROWS, the step's output [T_all, H, D] (one slice; lse unused)
     out_ptr, lse_ptr,
     stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
@@ -141,6 +173,8 @@ def lambda_decode_kernel(
     PASS_PAD: tl.constexpr,
     IS_NEOX: tl.constexpr,
     BLOCK_N: tl.constexpr,           # keys per inner block (a multiple of B)
+    TO_STEP_ROWS: tl.constexpr,      # out is the step's output: row query_rows, its dtype
+    TURN_IN_INPUT_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -189,6 +223,8 @@ def lambda_decode_kernel(
                             mask=block_page < page_hi, other=-1)
         angle = tl.minimum(t - page_base, trained_length) - t_in_page
         cos, sin = cos_sin(table_ptr, stride_table, -angle, HALF, HALF_PAD)
+        if TURN_IN_INPUT_DTYPE:
+            cos, sin = cos.to(dtype), sin.to(dtype)
         cos = per_key(cos, PAGE_SIZE, BLOCK_N, HALF_PAD)
         sin = per_key(sin, PAGE_SIZE, BLOCK_N, HALF_PAD)
 
@@ -196,11 +232,14 @@ def lambda_decode_kernel(
         k_base = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
                   + offset * stride_ks)
         k1, k2, kp = load_stored_keys(k_base, visible, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-        k1, k2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
-        s = tl.dot(q1, tl.trans(k1.to(dtype)))
-        s += tl.dot(q2, tl.trans(k2.to(dtype)))
+        if TURN_IN_INPUT_DTYPE:
+            k1, k2 = rotate(k1, k2, cos, sin)
+        else:
+            k1, k2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
+        s = dot(q1, tl.trans(k1.to(dtype)))
+        s = dot(q2, tl.trans(k2.to(dtype)), s)
         if PASS > 0:
-            s += tl.dot(qp, tl.trans(kp))
+            s = dot(qp, tl.trans(kp), s)
         s = tl.where(visible[None, :], s * scale_log2, float("-inf"))
 
         # ---- phase 3: online softmax, accumulate values ----
@@ -210,16 +249,56 @@ def lambda_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(k_base[:, None] + HEAD_DIM + d[None, :],
                     mask=visible[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     # ---- write this slice: normalised output and its log2-sum-exp ----
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    out_base = out_ptr + n * stride_on + split * stride_os + head[:, None] * stride_oh
-    tl.store(out_base + d[None, :], out, mask=head_ok[:, None] & d_ok[None, :])
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_ptr + n * stride_ln + split * stride_ls + head, lse, mask=head_ok)
+    if TO_STEP_ROWS:
+        out_base = out_ptr + q_row * stride_on + head[:, None] * stride_oh
+        tl.store(out_base + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=head_ok[:, None] & d_ok[None, :])
+    else:
+        out_base = out_ptr + n * stride_on + split * stride_os + head[:, None] * stride_oh
+        tl.store(out_base + d[None, :], out, mask=head_ok[:, None] & d_ok[None, :])
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + n * stride_ln + split * stride_ls + head, lse, mask=head_ok)
+
+
+@triton.jit
+def merge_splits_kernel(
+    part_ptr, lse_ptr,               # the slices: [N, S, H, D] f32 (normalised), [N, S, H]
+    out_ptr,                         # [N, 1, H, D] f32, or the step's output [T_all, H, D]
+    rows_ptr,                        # query_rows [N, 1] (TO_STEP_ROWS)
+    stride_pn, stride_ps, stride_ph, stride_ln, stride_ls, stride_on, stride_oh, stride_row_n,
+    num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    TO_STEP_ROWS: tl.constexpr,
+):
+    """One (request, query head): the slices weighted by 2^lse / sum 2^lse (empty slices,
+    lse = -inf, weigh 0)."""
+    n = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.arange(0, SPLITS_PAD)
+    split_ok = split < num_splits
+    lse = tl.load(lse_ptr + n * stride_ln + split * stride_ls + head, mask=split_ok,
+                  other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - top))
+    total = tl.sum(weight, 0)
+    weight = weight / tl.where(total == 0.0, 1.0, total)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    part = tl.load(part_ptr + n * stride_pn + split[:, None] * stride_ps + head * stride_ph
+                   + d[None, :], mask=split_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], 0)
+    if TO_STEP_ROWS:
+        row = tl.load(rows_ptr + n * stride_row_n)
+        tl.store(out_ptr + row * stride_on + head * stride_oh + d,
+                 out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        tl.store(out_ptr + n * stride_on + head * stride_oh + d, out, mask=d_ok)
 
 
 def _pow2(x: int, at_least: int = 1) -> int:
@@ -277,48 +356,73 @@ def check_inputs(config, group, query, kv_cache, rotation, *, decode: bool) -> N
                          f"{group.query_rows.shape[1]}")
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
                  scale: float, num_splits: int | None = None,
-                 block_keys: int = DECODE_BLOCK_KEYS) -> torch.Tensor:
+                 output: torch.Tensor | None = None, **blocks) -> torch.Tensor:
     """Decode Λ-attention of one T == 1 group; same contract as reference.attend_group.
 
-    query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, 1, H, D] float32.
+    query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, 1, H, D] float32, or,
+    given the step's output [T_all, H, D], writes each request's row there in its dtype and
+    returns it. num_splits: slices of each request's pages (default: enough to give every
+    multiprocessor PROGRAMS_PER_SM programs); blocks: any of DECODE_BLOCKS' keys.
     """
     check_inputs(plan.config, group, query, kv_cache, rotation, decode=True)
+    unknown = set(blocks) - set(DECODE_BLOCKS)
+    if unknown:
+        raise TypeError(f"lminf triton_decode: unknown block arguments {sorted(unknown)}")
+    shape = dict(FLOAT32_DECODE_BLOCKS if query.dtype == torch.float32 else DECODE_BLOCKS,
+                 **blocks)
     config = plan.config
     page_size = kv_cache.shape[2]
-    if block_keys % page_size:
-        block_keys = page_size * max(1, block_keys // page_size)
+    block_keys = page_size * max(1, shape["block_keys"] // page_size)
     num_tiles, num_pages = group.page_block.shape
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[1]
     group_size = num_heads // num_kv_heads
     if num_splits is None:
-        pages_per_block = block_keys // page_size
-        num_splits = max(1, min(-(-num_pages // pages_per_block),
-                                TARGET_PROGRAMS // max(1, num_tiles * num_kv_heads)))
+        target = PROGRAMS_PER_SM * _multiprocessors(query.device)
+        num_splits = max(1, min(-(-num_pages // (block_keys // page_size)),
+                                target // max(1, num_tiles * num_kv_heads)))
     pages_per_split = max(1, -(-num_pages // num_splits))
     num_splits = max(1, -(-num_pages // pages_per_split))
-
-    out = torch.empty(num_tiles, num_splits, num_heads, head_dim, device=query.device,
-                      dtype=torch.float32)
-    lse = torch.empty(num_tiles, num_splits, num_heads, device=query.device,
-                      dtype=torch.float32)
+    if output is not None and (output.shape != query.shape or output.device != query.device
+                               or not output.is_floating_point() or output.stride(2) != 1):
+        raise ValueError(f"lminf triton_decode: output must be a floating [T, H, D] tensor "
+                         f"like query {tuple(query.shape)} on {query.device} with contiguous "
+                         f"features, got {tuple(output.shape)} {output.dtype} on "
+                         f"{output.device}")
+    to_step_rows = output is not None and num_splits == 1
+    if to_step_rows:
+        part, lse = output, output  # lse is not written when the kernel stores rows
+        part_strides = (output.stride(0), 0, output.stride(1))
+    else:
+        part = torch.empty(num_tiles, num_splits, num_heads, head_dim, device=query.device,
+                           dtype=torch.float32)
+        lse = torch.empty(num_tiles, num_splits, num_heads, device=query.device,
+                          dtype=torch.float32)
+        part_strides = part.stride()[:3]
     if num_tiles == 0:
-        return out[:, :1]
+        return output if output is not None else part[:, :1]
     half = rotation.rotary_dim // 2
     passthrough = head_dim - rotation.rotary_dim
     global LAST_LAUNCH
     LAST_LAUNCH = lambda_decode_kernel[(num_tiles, num_kv_heads, num_splits)](
         query, kv_cache, rotation.cos_sin,
         group.query_rows, group.query_position, group.page_block, group.page_base,
-        out, lse,
+        part, lse,
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         rotation.cos_sin.stride(0),
         group.query_rows.stride(0), group.query_position.stride(0), group.page_block.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
+        *part_strides,
+        lse.stride(0), lse.stride(1) if lse.dim() > 1 else 0,
         num_pages, pages_per_split,
         scale * LOG2E,
         config.n_global, config.n_local, config.trained_length,
@@ -326,11 +430,27 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16),
         HALF=half, HALF_PAD=_pow2(half, 16),
         PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
-        IS_NEOX=bool(rotation.is_neox_style), BLOCK_N=block_keys,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        IS_NEOX=bool(rotation.is_neox_style), BLOCK_N=block_keys, TO_STEP_ROWS=to_step_rows,
+        TURN_IN_INPUT_DTYPE=shape["turn_in_input_dtype"],
+        num_warps=shape["num_warps"], num_stages=shape["num_stages"],
+        **({"maxnreg": shape["maxnreg"]} if shape["maxnreg"] else {}),
     )
+    if to_step_rows:
+        return output
     if num_splits == 1:
-        return out
-    # log-sum-exp merge of the slices (an empty slice has lse = -inf and weight 0)
-    weight = torch.softmax(lse * math.log(2.0), dim=1).nan_to_num_(0.0)  # [N, S, H]
-    return (out * weight[..., None]).sum(dim=1, keepdim=True)
+        return part
+    if output is None:
+        out = torch.empty(num_tiles, 1, num_heads, head_dim, device=query.device,
+                          dtype=torch.float32)
+        out_strides = (out.stride(0), out.stride(2))
+    else:
+        out, out_strides = output, (output.stride(0), output.stride(1))
+    merge_splits_kernel[(num_tiles, num_heads)](
+        part, lse, out, group.query_rows,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        *out_strides, group.query_rows.stride(0),
+        num_splits,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16), SPLITS_PAD=_pow2(num_splits, 2),
+        TO_STEP_ROWS=output is not None,
+    )
+    return out

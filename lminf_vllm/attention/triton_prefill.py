@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
-                                                 load_stored_keys, per_key, rope_halves,
+                                                 dot, load_stored_keys, per_key, rope_halves,
                                                  rotate)
 
 # Block shapes by window length, measured on the H100 (bench/results/bench_kernels.json and
@@ -53,16 +53,22 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # programs pay for their edges (about 128 + 64 masked keys per row) only when the unmasked
 # middle is long: from n_local 4096 on (385-392 vs 379 TF/s there, 310 vs 340 at 2048, 64 vs
 # 109 at 256).
-# Both shapes share the other two: keys per block where both cases are computed (global
-# pages, the window's oldest pages; two logit blocks live at once there, so 32 keys keep the
-# register peak down) and of the global pages every row is past L (one product per pair).
+# Both shapes share the rest: keys per block and pipeline depth where both cases are
+# computed (global pages, the window's oldest pages; two logit blocks live at once there, so
+# 32 keys keep the register peak down), keys per block of the global pages every row is past
+# L (one product per pair), and pages per program of turn_pages_kernel.
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=64, edge_stages=2, general_block_n=32, far_block_n=64)
+                          edge_block_n=64, edge_stages=2, general_block_n=32, general_stages=1,
+                          far_block_n=64, turn_pages=8)
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
-                           edge_block_n=32, edge_stages=2, general_block_n=32, far_block_n=64)
-# Pages one program of turn_pages_kernel turns.
-TURN_PAGES = 8
+                           edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
+                           far_block_n=64, turn_pages=8)
+# float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
+# more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
+FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
+                      edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
+                      far_block_n=32, turn_pages=4)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -163,8 +169,8 @@ def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
     else:
         k1 = tl.load(ptr + h[None, :])
         k2 = tl.load(ptr + HALF_PAD + h[None, :])
-    s = tl.dot(qe1, tl.trans(k1))
-    s = tl.dot(qe2, tl.trans(k2), s)
+    s = dot(qe1, tl.trans(k1))
+    s = dot(qe2, tl.trans(k2), s)
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
         if MASKED_LOAD:
@@ -172,7 +178,7 @@ def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
                          other=0.0)
         else:
             kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
-        s = tl.dot(qp, tl.trans(kp), s)
+        s = dot(qp, tl.trans(kp), s)
     return s
 
 
@@ -191,7 +197,7 @@ def softmax_step(acc, m_i, l_i, s, values, slot_lo, key_mask,
         v = tl.load(ptr, mask=key_mask[:, None], other=0.0)
     else:
         v = tl.load(ptr)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -207,10 +213,10 @@ def stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, slot, key_ok,
     src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
            + (slot % PAGE_SIZE) * stride_ks)
     k1, k2, kp = load_stored_keys(src, key_ok, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    s = tl.dot(qc1, tl.trans(k1))
-    s = tl.dot(qc2, tl.trans(k2), s)
+    s = dot(qc1, tl.trans(k1))
+    s = dot(qc2, tl.trans(k2), s)
     if PASS > 0:
-        s = tl.dot(qp, tl.trans(kp), s)
+        s = dot(qp, tl.trans(kp), s)
     return s
 
 
@@ -320,6 +326,7 @@ def lambda_prefill_kernel(
     EDGE_BLOCK_N: tl.constexpr,      # keys per block of the masked exact loops
     EDGE_STAGES: tl.constexpr,       # their pipeline depth (a few blocks per row block)
     GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
+    GENERAL_STAGES: tl.constexpr,    # their pipeline depth
     FAR_BLOCK_N: tl.constexpr,       # keys per block of the global pages every row is past
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
 ):
@@ -371,7 +378,7 @@ def lambda_prefill_kernel(
             acc, m_i, l_i, j_lo, far_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
             block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
-    for j_lo in tl.range(far_keys, global_keys, GENERAL_BLOCK_N, num_stages=1):
+    for j_lo in tl.range(far_keys, global_keys, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
         acc, m_i, l_i = attend_general(
             acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
             qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
@@ -391,7 +398,7 @@ def lambda_prefill_kernel(
     # pages with base < t1 - L can be past the distance limit for some row: both cases
     capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
     j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
-    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=1):
+    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
         acc, m_i, l_i = attend_general(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, anchor,
             qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
@@ -445,7 +452,7 @@ def _shapes(head_dim: int, rotation) -> dict:
     return shapes
 
 
-def turn_pages(group, kv_cache: torch.Tensor, rotation):
+def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int = 8):
     """Dense copies of each tile's pages: keys turned by b_p - a, and values.
 
     Returns keys [N, Hkv, P * B, KEY_DIM] and values [N, Hkv, P * B, HEAD_DIM_PAD] in the
@@ -461,14 +468,21 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation):
     values = torch.empty(num_tiles, num_kv_heads, slots, shapes["HEAD_DIM_PAD"],
                          device=kv_cache.device, dtype=kv_cache.dtype)
     table = rotation.cos_sin
-    turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(num_pages, TURN_PAGES))](
+    turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(num_pages, pages_per_program))](
         kv_cache, table, group.query_position, group.page_block, group.page_base, keys, values,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), table.stride(0),
         group.query_position.stride(0), group.page_block.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         num_queries, num_pages, table.shape[0] - 1,
-        PAGE_SIZE=page_size, PAGES=TURN_PAGES, **shapes)
+        PAGE_SIZE=page_size, PAGES=pages_per_program, **shapes)
     return keys, values
+
+
+def block_shape(config, dtype: torch.dtype) -> dict:
+    """The default block shape for this window and dtype."""
+    if dtype == torch.float32:
+        return FLOAT32_BLOCKS
+    return LONG_WINDOW_BLOCKS if config.n_local >= LONG_WINDOW else SHORT_WINDOW_BLOCKS
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
@@ -479,11 +493,12 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     given the step's output [T_all, H, D], writes the group's rows there in its dtype (what
     the backend does: no float32 copy to convert and scatter afterwards) and returns it.
     rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
-    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length.
+    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length
+    and the dtype (block_shape).
     """
     check_inputs(plan.config, group, query, kv_cache, rotation, decode=False)
     config = plan.config
-    shape = LONG_WINDOW_BLOCKS if config.n_local >= LONG_WINDOW else SHORT_WINDOW_BLOCKS
+    shape = block_shape(config, query.dtype)
     unknown = set(blocks) - set(shape)
     if unknown:
         raise TypeError(f"lminf triton_prefill: unknown block arguments {sorted(unknown)}")
@@ -512,7 +527,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         return out
     block_m = min(shape["block_m"], _pow2(num_queries, 16))
     shapes = _shapes(head_dim, rotation)
-    keys, values = turn_pages(group, kv_cache, rotation)
+    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"])
     table = rotation.cos_sin
     global LAST_LAUNCH
     LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
@@ -533,6 +548,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
+        GENERAL_STAGES=shape["general_stages"],
         FAR_BLOCK_N=shape["far_block_n"], TO_STEP_ROWS=output is not None,
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,

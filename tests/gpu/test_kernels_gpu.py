@@ -31,7 +31,8 @@ from lminf_vllm.config import LMInfConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# float32: IEEE products (TF32, Triton's default for float32 dots, gives about 3e-4)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 NUM_HEADS = 8
 TRAINED_LENGTH = 4096
 REFERENCE_TILES_PER_SLICE = 4
@@ -116,6 +117,15 @@ def run_all(plans, query, kv_cache, rotation, record):
                 rows = group.query_rows.flatten()
                 check(dec[:, 0], ref[rows], "decode", dict(record, plan=name, tiles=len(rows)),
                       query.dtype)
+                # the step's output path, with the launcher's slices and with one slice (the
+                # kernel stores the rows itself then): the same rows, in the output's dtype
+                for splits in (None, 1):
+                    step = torch.full_like(query, float("nan"))
+                    triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale,
+                                               num_splits=splits, output=step)
+                    check(step[rows].float(), ref[rows], "decode_into_output",
+                          dict(record, plan=name, tiles=len(rows), num_splits=splits),
+                          query.dtype)
         tiles = {int(g.query_rows.shape[1]): int(g.query_rows.shape[0]) for g in plan.groups}
         out = torch.full(query.shape, float("nan"), device=query.device)
         for group in plan.groups:
@@ -152,6 +162,21 @@ def test_chunk_4096(page_size, dtype):
     run_all(plans, query, kv_cache, rotation,
             dict(B=page_size, head_dim=128, gqa=4, dtype=str(dtype), n_global=64,
                  n_local=4096, chunk=4096))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_float32_uses_ieee_products(head_dim):
+    """float32 is advertised: the kernels' products must be IEEE float32, not TF32."""
+    for n_global in (0, 64):
+        for n_local in (256, 4096):
+            requests = [(1, 1), (1, 17), (1, n_local + 20), (1, 1_000_003), (1, 200_000_000),
+                        (37, 1000), (129, 1_000_000), (300, 200_000_000)]
+            plans, query, kv_cache, rotation = make_case(16, head_dim, 4, torch.float32,
+                                                         n_global, n_local, requests,
+                                                         seed=n_global + n_local)
+            run_all(plans, query, kv_cache, rotation,
+                    dict(B=16, head_dim=head_dim, gqa=4, dtype=str(torch.float32),
+                         n_global=n_global, n_local=n_local))
 
 
 def test_dispatch_uses_kernels_on_cuda():

@@ -23,7 +23,7 @@ H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 232448
 TENSOR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
                 torch.int64: "*i64", torch.int32: "*i32"}
-OPTIONS = ("num_warps", "num_stages")
+OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 class CapturedKernel:
@@ -65,7 +65,8 @@ def compile_launch(kernel, args, kwargs):
                           target=H100, options=options)
 
 
-def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16, n_local=4096):
+def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16, n_local=4096,
+                   dtype=torch.bfloat16):
     """The shapes of bench/bench_kernels.py (bf16, 32 query heads, n_local 4096), on CPU."""
     config = LMInfConfig(n_global=64, n_local=n_local, trained_length=4096, page_size=page_size,
                          max_prefill_chunk_tokens=chunk)
@@ -73,8 +74,8 @@ def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16, n_local=4
     plan = build_plan(config, np.array([0, chunk]), np.array([position + chunk]),
                       torch.arange(width).view(1, width), num_ring_pages=config.num_ring_pages,
                       tile_queries=chunk)
-    kv_cache = torch.zeros(width, 32 // gqa, page_size, 2 * head_dim, dtype=torch.bfloat16)
-    query = torch.zeros(chunk, 32, head_dim, dtype=torch.bfloat16)
+    kv_cache = torch.zeros(width, 32 // gqa, page_size, 2 * head_dim, dtype=dtype)
+    query = torch.zeros(chunk, 32, head_dim, dtype=dtype)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angle = torch.arange(4097, dtype=torch.float64)[:, None] * inv_freq
     rotation = QueryRotation(torch.cat([angle.cos(), angle.sin()], 1).float(), head_dim, True)
@@ -87,8 +88,12 @@ def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16, n_local=4
     # a short window: the other block shape (triton_prefill.SHORT_WINDOW_BLOCKS)
     (triton_prefill, ("turn_pages_kernel", "lambda_prefill_kernel"), (1_000_000, 4096, 4, 128,
                                                                        16, 256)),
-    (triton_decode, ("lambda_decode_kernel",), (1_000_000, 1)),
-], ids=["prefill", "prefill_short_window", "decode"])
+    # one request: the launcher splits its pages, so the merge kernel runs too
+    (triton_decode, ("lambda_decode_kernel", "merge_splits_kernel"), (1_000_000, 1)),
+    # float32 (IEEE products): its own block shapes must fit
+    (triton_decode, ("lambda_decode_kernel", "merge_splits_kernel"), (1_000_000, 1, 4, 128, 16,
+                                                                       4096, torch.float32)),
+], ids=["prefill", "prefill_short_window", "decode", "decode_float32"])
 def test_kernels_compile_for_h100(module, kernels, case, monkeypatch):
     captured = {name: CapturedKernel(getattr(module, name)) for name in kernels}
     for name, stand_in in captured.items():

@@ -158,6 +158,17 @@ def test_kernels_match_reference(name):
                                                  scale, num_splits=splits, block_keys=32)
                 _assert_matches(out, ref, group, case["dtype"],
                                 f"{name} decode kernel ({splits} slices)")
+                # into the step's output rows: by the merge launch (3 slices) or by the
+                # decode kernel itself (1 slice); rows of other groups are left alone
+                step_output = torch.full_like(query, float("nan"))
+                triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale,
+                                           num_splits=splits, block_keys=32,
+                                           output=step_output)
+                _assert_matches(step_output[group.query_rows].float(), ref, group,
+                                case["dtype"], f"{name} decode into the step's output "
+                                f"({splits} slices)")
+                assert step_output[others].isnan().all(), \
+                    f"{name}: decode wrote rows of other groups"
 
 
 def test_decode_equals_last_prefill_row():
