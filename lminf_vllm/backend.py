@@ -23,9 +23,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from lminf_vllm import BACKEND_NAME, attention
+from lminf_vllm import BACKEND_NAME, attention, engine_context
 from lminf_vllm import config as lminf_config
-from lminf_vllm.patches.page_local_rope import query_rotation_for
+from lminf_vllm.kv_cache import LMInfSpec
 
 
 class LMInfBackend(AttentionBackend):
@@ -70,18 +70,9 @@ class LMInfBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """The layer's spec as an LMInfSpec: rows of G pinned pages plus a ring of R."""
-        from vllm.config import get_current_vllm_config_or_none
-
-        from lminf_vllm.kv_cache import LMInfSpec
-
-        vllm_config = get_current_vllm_config_or_none()
-        if vllm_config is None:
-            raise RuntimeError("lminf: customize_spec needs the engine's vLLM config "
-                               "(called outside set_current_vllm_config)")
-        return LMInfSpec.from_attention_spec(spec, lminf_config.from_vllm_config(vllm_config))
+    # The layer's KV spec (an LMInfSpec: G pinned pages plus a ring of R) is built from the
+    # engine's config where vLLM hands it over, Attention.get_kv_cache_spec
+    # (patches/layer_kv_spec.py), not in customize_spec, which gets no config.
 
 
 @dataclass
@@ -136,12 +127,17 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not isinstance(kv_cache_spec, LMInfSpec):
+            raise RuntimeError(f"lminf: layers {layer_names} got a "
+                               f"{type(kv_cache_spec).__name__}, not the ring spec "
+                               "(patches/layer_kv_spec.py)")
         refuse_speculative_decoding(vllm_config)
         self.config = lminf_config.from_vllm_config(vllm_config)
         refuse_capture_batches_past_the_chunk_cap(vllm_config, self.config)
         attention.check_impl(self.config, device, lminf_config.triton_interpreter_on())
-        self.rotation = attention.rotation_for(query_rotation_for(kv_cache_spec.head_size),
-                                               self.config, device)
+        self.rotation = attention.rotation_for(
+            engine_context.of(vllm_config).query_rotation(kv_cache_spec.head_size),
+            self.config, device)
         scheduler = vllm_config.scheduler_config
         graph_mode = vllm_config.compilation_config.cudagraph_mode
         full_graphs = graph_mode is not None and graph_mode.has_full_cudagraphs()
@@ -220,6 +216,7 @@ class LMInfImpl(AttentionImpl):
         # backend reads it): the profile run needs the engine's batch limits.
         vllm_config = get_current_vllm_config()
         self.config = lminf_config.from_vllm_config(vllm_config)
+        self.engine = engine_context.of(vllm_config)
         self.max_num_reqs = vllm_config.scheduler_config.max_num_seqs
         self.profiled = False
 
@@ -248,8 +245,8 @@ class LMInfImpl(AttentionImpl):
         if self.profiled or not query.is_cuda:
             return
         self.profiled = True
-        rotation = attention.rotation_for(query_rotation_for(self.head_size), self.config,
-                                          query.device)
+        rotation = attention.rotation_for(self.engine.query_rotation(self.head_size),
+                                          self.config, query.device)
         n = query.shape[0]
         attention.exercise_worst_case(
             self.config, query.view(n, self.num_heads, self.head_size),

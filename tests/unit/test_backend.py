@@ -16,7 +16,9 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from conftest import MODEL_DIR
-from lminf_vllm import attention, backend
+from lminf_vllm import attention, backend, engine_context
+from lminf_vllm import config as lminf_config
+from lminf_vllm.kv_cache import LMInfSpec
 from lminf_vllm.attention import build_plan, cpu_attention, decode_pages, worst_case_prefill
 from lminf_vllm.attention.plan import DEFAULT_TILE_QUERIES, max_tile_pages
 from lminf_vllm.attention.rotation import QueryRotation
@@ -42,12 +44,14 @@ def rotation_table(head_dim, trained_length):
 @pytest.fixture
 def rope_table(monkeypatch):
     rotation = rotation_table(HEAD_DIM, 256)
-    monkeypatch.setattr(backend, "query_rotation_for", lambda head_size: rotation)
+    monkeypatch.setattr(engine_context.EngineContext, "query_rotation",
+                        lambda self, head_size: rotation)
     return rotation
 
 
 def builder_for(config):
-    return backend.LMInfMetadataBuilder(SPEC, ["layers.0.self_attn.attn"], config,
+    spec = LMInfSpec.from_attention_spec(SPEC, lminf_config.from_vllm_config(config))
+    return backend.LMInfMetadataBuilder(spec, ["layers.0.self_attn.attn"], config,
                                         torch.device("cpu"))
 
 
