@@ -7,7 +7,7 @@ generated from PATCHES by `python -m lminf_vllm.patches`.
 
 from . import (backend_enum_pickle, bounded_buffers, cli_version, cpu_backend_selection,
                cpu_page_size, kv_spec_config_context, long_context, page_local_rope,
-               prefill_chunk_cap, ring_slot_mapping)
+               prefill_chunk_cap, ring_slot_mapping, scheduler_stats_lminf)
 from ._patch import Patch, PatchError
 
 PATCHES: tuple[Patch, ...] = (
@@ -21,6 +21,7 @@ PATCHES: tuple[Patch, ...] = (
     ring_slot_mapping.PATCH,
     prefill_chunk_cap.PATCH,
     bounded_buffers.PATCH,
+    scheduler_stats_lminf.PATCH,
 )
 
 __all__ = ["PATCHES", "Patch", "PatchError", "apply_all"]
