@@ -1,9 +1,10 @@
 """`vllm bench serve` and `vllm bench throughput`: lminf vs the stock CPU backend by context.
 
 Same model (the tiny L = 256 one), same prompts (vLLM's random dataset, one seed) and the
-same settings for both backends; input lengths L/2 .. 64 L. For each backend one
-`vllm serve` on a free loopback port is swept with `vllm bench serve` (TTFT, output
-tokens/s), then `vllm bench throughput` runs its own engine at each length. The stock
+same settings for both backends; input lengths L/2 .. 64 L. One `vllm serve` per backend
+(both up at once, on free loopback ports) is swept with `vllm bench serve` (TTFT, output
+tokens/s), then `vllm bench throughput` runs its own engine at each length; the backends
+alternate at each length, so each pair ran under the same load. The stock
 backend gets a RoPE table widened to the longest prompt (hf_overrides
 max_position_embeddings, as bench/bench_ppl_vs_position.py does; without it vLLM refuses
 a max_model_len past 256) and is swept only up to the first length where it fails or
@@ -14,6 +15,7 @@ runs past --timeout. JSON + PNG go to bench/results/.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests" / "engine"))
 from serving import serve, vllm_command  # noqa: E402
 
 L = 256
+BACKENDS = ("lminf", "stock")
 COMMON = ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0"]
 
 
@@ -77,33 +80,42 @@ def bench_throughput(backend: str, length: int, args, workdir: Path, env: dict) 
             output_tokens / result["elapsed_time"]}
 
 
-def sweep(backend: str, args, bar, env: dict, workdir: Path) -> dict:
-    """{"serve": {length: result}, "throughput": {...}}; a failure ends that kind's sweep."""
-    results = {"serve": {}, "throughput": {}}
-    log = workdir / f"server_{backend}.log"
-    with serve(MODEL_DIR, [*backend_args(backend, args.longest), *COMMON,
-                           "--gpu-memory-utilization", "0.3"], log, env) as server:
+def sweep(args, bar, env: dict, workdir: Path) -> dict:
+    """backend -> {"serve": {length: result}, "throughput": {...}}.
+
+    The backends alternate at each length (both servers up at once), so that the pairs
+    compared ran under the same load; a failure ends that backend's sweep of that kind.
+    """
+    results = {backend: {"serve": {}, "throughput": {}} for backend in BACKENDS}
+    with contextlib.ExitStack() as servers:
+        running = {backend: servers.enter_context(serve(
+            MODEL_DIR, [*backend_args(backend, args.longest), *COMMON,
+                        "--gpu-memory-utilization", "0.3"],
+            workdir / f"server_{backend}.log", env, startup_seconds=1800))
+            for backend in BACKENDS}
         for length in args.lengths:
-            bar.set_description(f"{backend} serve {length}")
-            results["serve"][length] = attempt(bench_serve, server, length, args, workdir, env)
-            bar.update()
-            if "error" in results["serve"][length]:
-                break
+            for backend in BACKENDS:
+                bar.set_description(f"{backend} serve {length}")
+                step(results[backend]["serve"], length, bench_serve, running[backend],
+                     length, args, workdir, env)
+                bar.update()
     for length in args.lengths:
-        bar.set_description(f"{backend} throughput {length}")
-        results["throughput"][length] = attempt(bench_throughput, backend, length, args,
-                                                workdir, env)
-        bar.update()
-        if "error" in results["throughput"][length]:
-            break
+        for backend in BACKENDS:
+            bar.set_description(f"{backend} throughput {length}")
+            step(results[backend]["throughput"], length, bench_throughput, backend, length,
+                 args, workdir, env)
+            bar.update()
     return results
 
 
-def attempt(function, *call_args) -> dict:
+def step(rows: dict, length: int, function, *call_args) -> None:
+    """rows[length] = the run's result, or its error; nothing once a shorter run failed."""
+    if any("error" in row for row in rows.values()):
+        return
     try:
-        return function(*call_args)
+        rows[length] = function(*call_args)
     except (RuntimeError, subprocess.TimeoutExpired) as error:
-        return {"error": str(error)[-1000:]}
+        rows[length] = {"error": str(error)[-1000:]}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -149,11 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     args.longest = max(args.lengths) + args.output_len
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    results = {}
     with tempfile.TemporaryDirectory() as tmp, \
             tqdm(total=4 * len(args.lengths), unit="run") as bar:
-        for backend in ("lminf", "stock"):
-            results[backend] = sweep(backend, args, bar, env, Path(tmp))
+        results = sweep(args, bar, env, Path(tmp))
     settings = {**vars(args), "model": str(MODEL_DIR), "dataset": "random, seed 0",
                 "common_args": COMMON, "stock_args": backend_args("stock", args.longest),
                 "lminf_args": backend_args("lminf", args.longest),

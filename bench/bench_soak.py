@@ -159,7 +159,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "soak_server.log"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with serve(MODEL_DIR, serve_args, log, env) as server:
+    with serve(MODEL_DIR, serve_args, log, env, startup_seconds=1800) as server:
         result = asyncio.run(soak(server, args))
     error_lines = [line for line in log.read_text().splitlines() if " ERROR " in line]
     result["tally"]["server_errors"] += len(error_lines)
