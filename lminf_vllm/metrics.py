@@ -78,8 +78,8 @@ _PER_GROUP_FIELDS = ("pages_pinned", "ring_pages", "ring_pages_overwritten")
 
 def combine(groups: Iterable[RingCounters]) -> dict[str, int] | None:
     """The engine's counters over its lminf KV cache groups; None when it has none."""
-    groups = [asdict(counters) for counters in groups]
-    if not groups:
+    values = [asdict(counters) for counters in groups]
+    if not values:
         return None
-    return {name: (sum if name in _PER_GROUP_FIELDS else max)(g[name] for g in groups)
-            for name in groups[0]}
+    return {name: (sum if name in _PER_GROUP_FIELDS else max)(v[name] for v in values)
+            for name in values[0]}
