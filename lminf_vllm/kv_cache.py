@@ -155,11 +155,9 @@ class LMInfManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         blocks = super().pop_blocks_for_free(request_id)
         self.counters.on_blocks_held(len(blocks), 0, self.kv_cache_spec.num_pinned_pages)
-        self._stream_extent.pop(request_id, None)
+        tokens, _ = self._stream_extent.pop(request_id, (0, 0))
+        self.counters.on_stream_end(tokens, self.kv_cache_spec.trained_length)
         return blocks
-
-    def new_step_starts(self) -> None:
-        metrics.publish(self.counters)
 
     def allocate_external_computed_blocks(self, request_id: str,
                                           num_local_computed_tokens: int,

