@@ -25,7 +25,9 @@ other vLLM process: nothing here imports it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import os
+from typing import Any, Iterator, Mapping
 
 from lminf_vllm.config import ADDITIONAL_CONFIG_KEY
 
@@ -34,6 +36,50 @@ from lminf_vllm.config import ADDITIONAL_CONFIG_KEY
 CPU_REPLICA = {"CPU": 1}
 # On a GPU cluster, one GPU per tensor-parallel rank (ray.data.llm's own default shape).
 GPU_REPLICA = {"CPU": 1, "GPU": 1}
+
+
+# Each node of local_cluster() holds one of these: a replica bundle that asks for it lands on a
+# node of its own.
+REPLICA_RESOURCE = "lminf_replica"
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus_per_node: int = 2) -> Iterator[Any]:
+    """A Ray cluster of `nodes` nodes on this machine, connected to; shut down on exit.
+
+    Each node is a raylet of its own (`ray.cluster_utils.Cluster`) with `cpus_per_node`
+    logical CPUs and one REPLICA_RESOURCE, and pins the vLLM engines it runs to one core of
+    its own (cores taken in turn), as the separate machines of a real cluster would be: left
+    alone, every CPU engine binds the same first core. Ray workers inherit their raylet's
+    environment, so the pin is set while each node starts. The raylets reap what a killed
+    worker leaves (`kill_child_processes_on_worker_exit_with_raylet_subreaper`): a replica's
+    engine processes otherwise outlive its actor.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cores = sorted(os.sched_getaffinity(0))
+    node_env = {"RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "1"}
+    saved = {key: os.environ.get(key) for key in (*node_env, "VLLM_CPU_OMP_THREADS_BIND")}
+    cluster = Cluster()
+    try:
+        os.environ.update(node_env)
+        for node in range(nodes):
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[node % len(cores)])
+            cluster.add_node(num_cpus=cpus_per_node, resources={REPLICA_RESOURCE: 1},
+                             include_dashboard=False)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def lminf_processor(model: str, *, max_model_len: int, replicas: int,

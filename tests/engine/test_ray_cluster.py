@@ -1,8 +1,8 @@
 """lminf engine replicas on a real two-node Ray cluster, through ray.data.llm (docs/ray.md).
 
-Two Ray nodes on this machine (`ray.cluster_utils.Cluster`: each its own raylet, object
-store and resource counts) each hold one replica: a custom resource `lminf_replica: 1` per
-node and per replica puts exactly one engine on each. One Ray Data job runs long prompts
+Two Ray nodes on this machine (`local_cluster`: `ray.cluster_utils.Cluster`, each node its
+own raylet, object store, resource counts and CPU core) each hold one replica: a custom
+resource `lminf_replica: 1` per node and per replica puts exactly one engine on each. One Ray Data job runs long prompts
 (4L-16L tokens) mixed with short ones through both replicas while one replica is killed
 (SIGKILL of its worker process, as the OOM killer would) after the first rows come back.
 Every row must come back once, with the greedy tokens of a plain in-process `LLM` with the
@@ -21,16 +21,14 @@ import numpy as np
 import psutil
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from vllm import LLM, SamplingParams
 
 from conftest import MODEL_DIR
 from engine_checks import TINY_L, assert_close, engine_kwargs, prompt_logprobs
-from lminf_vllm.ray_batch import lminf_processor
+from lminf_vllm.ray_batch import REPLICA_RESOURCE, lminf_processor, local_cluster
 
 NODES = 2
-REPLICA_RESOURCE = "lminf_replica"
 # Two replicas and the in-process reference each reserve this much KV memory; together they
 # fit a 24 GiB CI machine (gpu_memory_utilization=0.3 would reserve 7 GiB each).
 KV_CACHE_BYTES = 512 << 20
@@ -74,19 +72,9 @@ def reference(prompts):
 
 @pytest.fixture(scope="module")
 def cluster():
-    # The raylet reaps what a dead worker leaves: the replica's EngineCore process outlives
-    # a SIGKILLed actor otherwise (measured: still running 20 minutes later).
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
-        cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=2, resources={REPLICA_RESOURCE: 1}, include_dashboard=False))
-        for _ in range(NODES - 1):
-            cluster.add_node(num_cpus=2, resources={REPLICA_RESOURCE: 1})
-        ray.init(address=cluster.address)
+    # test_cluster_shuts_down_cleanly stops it first; stopping twice is a no-op.
+    with local_cluster(NODES) as cluster:
         yield cluster
-        if ray.is_initialized():
-            ray.shutdown()
-            cluster.shutdown()
 
 
 def alive_replicas():
@@ -97,6 +85,8 @@ def alive_replicas():
 @pytest.fixture(scope="module")
 def job(cluster, prompts):
     """Runs the dataset; kills one replica once the first row is back."""
+    # Rows flow once both engines are up, so the first row back finds two live replicas.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = JOB_SECONDS
     processor = lminf_processor(
         str(MODEL_DIR), max_model_len=MAX_MODEL_LEN, replicas=NODES,
         replica_resources={"CPU": 1, REPLICA_RESOURCE: 1}, lminf=LMINF_SETTINGS,
