@@ -71,8 +71,10 @@ def reference(prompts):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # test_cluster_shuts_down_cleanly stops it first; stopping twice is a no-op.
+def cluster(reference):
+    # The reference engine has stopped before the cluster starts: at most two engines hold
+    # memory at once. test_cluster_shuts_down_cleanly stops the cluster first; a second
+    # stop is a no-op.
     with local_cluster(NODES) as cluster:
         yield cluster
 
