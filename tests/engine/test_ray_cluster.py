@@ -21,7 +21,6 @@ import numpy as np
 import psutil
 import pytest
 import ray
-from ray.util.state import list_actors
 from vllm import LLM, SamplingParams
 
 from conftest import MODEL_DIR
@@ -37,7 +36,8 @@ MAX_TOKENS = 6
 # 4L, 8L, 16L and 10L tokens between short prompts, on both sides of a page (16) and of L.
 PROMPT_LENGTHS = [4 * TINY_L, 3, 8 * TINY_L, 17, 16 * TINY_L, 255, 300, 10 * TINY_L, 1, 64]
 BATCH_SIZE = 2
-ENGINE_CLASS = "MapWorker(MapBatches(vLLMEngineStageUDF))"
+# The process title of ray.data.llm's engine actor.
+ENGINE_TITLE = "ray::MapWorker(MapBatches(vLLMEngineStageUDF))"
 # An engine start is 30-110 s on a 2-core machine; the killed replica restarts once.
 JOB_SECONDS = 900
 
@@ -79,9 +79,31 @@ def cluster(reference):
         yield cluster
 
 
-def alive_replicas():
-    return list_actors(filters=[("class_name", "=", ENGINE_CLASS), ("state", "=", "ALIVE")],
-                       detail=True)
+def node_pids(cluster) -> dict[int, str]:
+    """raylet pid -> node id, for every node of the cluster."""
+    return {node.all_processes["raylet"][0].process.pid: node.node_id
+            for node in cluster.list_all_nodes()}
+
+
+def live_replicas(cluster) -> dict[int, str]:
+    """Engine replica (Ray actor) pid -> the id of the node that runs it.
+
+    Read from the processes (their title and the RAY_RAYLET_PID they inherit), not from
+    Ray's state API, which needs the dashboard.
+    """
+    raylets = node_pids(cluster)
+    found = {}
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if (cmdline and cmdline[0].startswith(ENGINE_TITLE)
+                and process.info["status"] != psutil.STATUS_ZOMBIE):
+            try:
+                raylet = int(process.environ().get("RAY_RAYLET_PID", -1))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if raylet in raylets:
+                found[process.pid] = raylets[raylet]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -96,41 +118,46 @@ def job(cluster, prompts):
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     rows = [dict(row_id=i, tokenized_prompt=p, sampling_params=sampling())
             for i, p in enumerate(prompts)]
-    results, killed = [], None
+    results, killed, replicas_seen = [], None, {}
     start = time.monotonic()
     for row in processor(ray.data.from_items(rows)).iter_rows():
         results.append(row)
+        replicas = live_replicas(cluster)
+        replicas_seen.update(replicas)
         if killed is None:
-            replicas = alive_replicas()
-            victim = replicas[0]
-            engine_processes = psutil.Process(victim.pid).children(recursive=True)
-            os.kill(victim.pid, signal.SIGKILL)
-            killed = dict(replica=victim, engine_processes=engine_processes,
-                          rows_done=len(results), replicas_alive=len(replicas))
+            victim = min(replicas)
+            engine_processes = psutil.Process(victim).children(recursive=True)
+            os.kill(victim, signal.SIGKILL)
+            killed = dict(pid=victim, node=replicas[victim], engine_processes=engine_processes,
+                          rows_done=len(results), replicas=replicas)
         assert time.monotonic() - start < JOB_SECONDS, "the Ray job ran past JOB_SECONDS"
-    return dict(rows=results, killed=killed,
-                replicas=list_actors(filters=[("class_name", "=", ENGINE_CLASS)], detail=True))
+    print(f"replica killed after {killed['rows_done']} rows; replicas seen: {replicas_seen}")
+    return dict(rows=results, killed=killed, replicas_seen=replicas_seen)
 
 
 def test_one_replica_per_node(cluster, job):
-    nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    nodes = set(node_pids(cluster).values())
     assert len(nodes) == NODES
-    assert job["killed"]["replicas_alive"] == NODES
-    assert {replica.node_id for replica in job["replicas"]} == nodes
+    replicas = job["killed"]["replicas"]
+    assert sorted(replicas.values()) == sorted(nodes), f"replicas by node: {replicas}"
 
 
-def test_a_replica_was_killed_mid_job(job):
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_replica_was_killed_mid_job(cluster, job):
     killed = job["killed"]
     assert killed["rows_done"] < len(PROMPT_LENGTHS), "the kill came after the job ended"
-    assert not psutil.pid_exists(killed["replica"].pid) or (
-        psutil.Process(killed["replica"].pid).status() == psutil.STATUS_ZOMBIE)
+    assert killed["pid"] not in live_replicas(cluster)
     assert killed["engine_processes"], "the killed replica had no engine process to check"
     deadline = time.monotonic() + 30
-    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-              for p in killed["engine_processes"]) and time.monotonic() < deadline:
+    while any(map(running, killed["engine_processes"])) and time.monotonic() < deadline:
         time.sleep(1)
-    orphans = [p.pid for p in killed["engine_processes"]
-               if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    orphans = [p.pid for p in killed["engine_processes"] if running(p)]
     assert not orphans, f"the killed replica's engine processes {orphans} outlived it"
 
 
@@ -152,15 +179,29 @@ def test_outputs_equal_the_in_process_llm(job, reference, prompts):
         assert_close(got, prompt_logprobs(expected), f"row {i} prompt logprobs")
 
 
+def cluster_processes(node_pids: set[int]) -> list[psutil.Process]:
+    """The nodes' own processes (GCS, raylets, agents) and all that a raylet started, at any
+    depth: Ray workers and the engines they spawn inherit RAY_RAYLET_PID."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if (process.pid in node_pids
+                    or int(process.environ().get("RAY_RAYLET_PID", -1)) in node_pids):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
 def test_cluster_shuts_down_cleanly(cluster, job):
-    session_processes = [p for p in psutil.process_iter(["cmdline"])
-                         if any("raylet" in part or "gcs_server" in part
-                                for part in (p.info["cmdline"] or []))
-                         and str(cluster.address.split(":")[-1]) in " ".join(p.info["cmdline"])]
-    engines = [p for replica in job["replicas"] if psutil.pid_exists(replica.pid)
-               for p in psutil.Process(replica.pid).children(recursive=True)]
-    assert len(session_processes) >= NODES, "found no raylet / GCS process of this cluster"
+    nodes = cluster.list_all_nodes()
+    assert len(nodes) == NODES
+    node_pids = {info.process.pid for node in nodes
+                 for infos in node.all_processes.values() for info in infos}
+    before = cluster_processes(node_pids)
+    assert len(before) > len(node_pids), "found no worker process of the cluster"
     ray.shutdown()
     cluster.shutdown()
-    gone, alive = psutil.wait_procs(session_processes + engines, timeout=60)
-    assert not alive, f"still running after shutdown: {[p.pid for p in alive]}"
+    gone, alive = psutil.wait_procs(before, timeout=60)
+    assert not alive, f"still running after shutdown: {[(p.pid, p.name()) for p in alive]}"
+    assert not cluster_processes(node_pids), "processes of the cluster started after shutdown"

