@@ -1,7 +1,7 @@
 """Ray Data throughput with 1 and 2 lminf engine replicas, side by side in one run.
 
-A two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one `lminf_replica`
-resource per node) runs the same dataset through lminf_processor with 1 and then 2
+A two-node Ray cluster on this machine (lminf_vllm.ray_batch.local_cluster: one
+`lminf_replica` resource and one CPU core per node) runs the same dataset through lminf_processor with 1 and then 2
 replicas. Ray Data waits for every replica's engine before it sends rows
 (DataContext.wait_for_min_actors_s), and the rates are taken over the engines' busy window:
 
@@ -16,15 +16,14 @@ The job's wall time, engine start included, is recorded beside it.
 """
 
 import argparse
+import json
 import time
 
 import ray
-from ray.cluster_utils import Cluster
 
-from common import MODEL_DIR, machine, save, val_tokens
-from lminf_vllm.ray_batch import lminf_processor
+from common import MODEL_DIR, save, val_tokens
+from lminf_vllm.ray_batch import REPLICA_RESOURCE, lminf_processor, local_cluster
 
-REPLICA_RESOURCE = "lminf_replica"
 ENGINE_START_SECONDS = 600
 
 
@@ -81,16 +80,9 @@ def main():
                          kv_cache_memory_bytes=args.kv_cache_bytes)
     max_model_len = args.prompt_tokens + args.max_tokens
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=2, resources={REPLICA_RESOURCE: 1}, include_dashboard=False))
-    cluster.add_node(num_cpus=2, resources={REPLICA_RESOURCE: 1})
-    ray.init(address=cluster.address)
-    ray.data.DataContext.get_current().wait_for_min_actors_s = ENGINE_START_SECONDS
-    try:
+    with local_cluster(nodes=2):
+        ray.data.DataContext.get_current().wait_for_min_actors_s = ENGINE_START_SECONDS
         runs = [run_job(replicas, rows, engine_kwargs, max_model_len) for replicas in (1, 2)]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     result = dict(
         command="python bench/bench_ray_replicas.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
@@ -98,7 +90,7 @@ def main():
                       max_model_len=max_model_len, ray=ray.__version__),
         runs=runs, speedup_tokens_per_s=runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"])
     path = save("ray_replicas", result)
-    plot(result, path.with_suffix(".png"))
+    plot(json.loads(path.read_text()), path.with_suffix(".png"))  # with the machine facts
     for r in runs:
         print(f"{r['replicas']} replica(s): {r['rows_per_s']:.3f} rows/s, "
               f"{r['tokens_per_s']:.0f} tokens/s over {r['window_s']:.1f} s "
