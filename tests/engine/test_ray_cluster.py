@@ -2,9 +2,10 @@
 
 Two Ray nodes on this machine (`local_cluster`: `ray.cluster_utils.Cluster`, each node its
 own raylet, object store, resource counts and CPU core) each hold one replica: a custom
-resource `lminf_replica: 1` per node and per replica puts exactly one engine on each. One Ray Data job runs long prompts
-(4L-16L tokens) mixed with short ones through both replicas while one replica is killed
-(SIGKILL of its worker process, as the OOM killer would) after the first rows come back.
+resource `lminf_replica: 1` per node and per replica puts exactly one engine on each. One
+Ray Data job runs long prompts (4L-16L tokens) mixed with short ones through both replicas
+while one replica is killed (SIGKILL of its actor process, as the OOM killer would) once the
+first row is back.
 Every row must come back once, with the greedy tokens of a plain in-process `LLM` with the
 same engine settings and its prompt logprobs within LOGPROB_ATOL.
 
@@ -54,9 +55,8 @@ def prompts(val_tokens):
     return [val_tokens[s:s + n].tolist() for s, n in zip(starts, PROMPT_LENGTHS)]
 
 
-def sampling(**extra):
-    return dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, prompt_logprobs=0,
-                **extra)
+def sampling():
+    return dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
 
 
 @pytest.fixture(scope="module")
