@@ -1,8 +1,8 @@
 """Ray Data throughput with 1 and 2 lminf engine replicas, side by side in one run.
 
 A two-node Ray cluster on this machine (lminf_vllm.ray_batch.local_cluster: one
-`lminf_replica` resource and one CPU core per node) runs the same dataset through lminf_processor with 1 and then 2
-replicas. Ray Data waits for every replica's engine before it sends rows
+`lminf_replica` resource and one CPU core per node) runs the same dataset through
+lminf_processor with 1 and then 2 replicas. Ray Data waits for every replica's engine before it sends rows
 (DataContext.wait_for_min_actors_s), and the rates are taken over the engines' busy window:
 
     window      = max(last_token_ts) - min(queued_ts) over all rows (one CLOCK_MONOTONIC:
