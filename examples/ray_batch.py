@@ -45,7 +45,10 @@ def main():
         args.model, max_model_len=1_000_000, replicas=args.replicas,
         replica_resources=replica_resources, lminf={"n_global": 64},
         engine_kwargs=dict(max_num_seqs=8, **memory), batch_size=4,
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=True)
+        # Rows carry token ids, so neither tokenizing nor chat templates run. Detokenizing is a
+        # stage of its own whose actor holds a CPU for the whole job: on a 2-CPU local Ray it
+        # leaves no CPU to Ray Data's map tasks and the job waits forever (backpressured).
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
 
     tokens = np.load(args.tokens)
     starts = np.random.default_rng(0).integers(0, len(tokens) - args.document_tokens,
@@ -56,7 +59,7 @@ def main():
         for i, s in enumerate(starts)])
     for row in processor(documents).iter_rows():
         print(json.dumps({"doc_id": row["doc_id"], "prompt_tokens": row["num_input_tokens"],
-                          "continuation": row["generated_text"]}))
+                          "continuation_ids": list(row["generated_tokens"])}))
 
 
 if __name__ == "__main__":
