@@ -12,6 +12,7 @@ document is a row of token ids; lminf lets a prompt run far past the model's tra
 
 import argparse
 import json
+import os
 
 import numpy as np
 import ray
@@ -33,6 +34,9 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
+    # A local Ray's raylet starts from this process: let it reap the engine processes of a
+    # replica that dies (on a cluster, set this where `ray start` runs; docs/ray.md).
+    os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
     ray.init(address=args.address)
     if args.gpu:
         # A GPU node: vLLM sizes KV memory from gpu_memory_utilization of the GPU it holds.
