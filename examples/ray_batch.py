@@ -2,9 +2,10 @@
 
 The same script runs on this machine and on an existing Ray cluster:
 
-    python examples/ray_batch.py --replicas 1                     # ray.init(): a local Ray
-    ray start --head --num-cpus 2 --resources '{"lminf_replica": 1}'    # or a real cluster,
-    python examples/ray_batch.py --address auto --replicas 2 --gpu      # one node per replica
+    python examples/ray_batch.py --replicas 1             # ray.init(): a local Ray
+    ray start --head --num-cpus 2                          # or a cluster: on every node
+    python examples/ray_batch.py --address auto --replicas 2          # CPU nodes
+    python examples/ray_batch.py --address auto --replicas 2 --gpu    # GPU nodes
 
 Ray Data shows its own progress (operator rows, actors, resources) while the job runs. Each
 document is a row of token ids; lminf lets a prompt run far past the model's trained length.
