@@ -83,6 +83,7 @@ class LMInfMetadata:
     plan: attention.AttentionPlan
     rotation: attention.QueryRotation
     num_actual_tokens: int
+    prepared: object  # what the device's path builds once per step (attention.prepare)
 
 
 class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
@@ -109,8 +110,11 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             num_ring_pages=self.config.num_ring_pages,
             tile_queries=self.tile_queries,
         )
+        spec = self.kv_cache_spec
         return LMInfMetadata(plan=plan, rotation=self.rotation,
-                             num_actual_tokens=meta.num_actual_tokens)
+                             num_actual_tokens=meta.num_actual_tokens,
+                             prepared=attention.prepare(plan, self.rotation, spec.num_kv_heads,
+                                                        spec.head_size))
 
 
 class LMInfImpl(AttentionImpl):
@@ -154,5 +158,5 @@ class LMInfImpl(AttentionImpl):
         attention.write_kv(plan, key[:n], value[:n], kv_cache)
         attention.run(plan, query[:n].view(n, self.num_heads, self.head_size), kv_cache,
                       output[:n].view(n, self.num_heads, self.head_size),
-                      attn_metadata.rotation, self.scale)
+                      attn_metadata.rotation, self.scale, attn_metadata.prepared)
         return output

@@ -1,4 +1,5 @@
-"""Reference Λ-attention on the paged cache vs the dense float64 oracle (DESIGN §2).
+"""Λ-attention on the paged cache vs the dense float64 oracle (DESIGN §2): the PyTorch
+reference and the CPU serving path (cpu_attention, what `run` calls on the CPU).
 
 Each case streams requests through the cache the way the engine does (history written in
 chunks, possibly through a ring of pages), then runs one final mixed step (decodes and
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import oracle
-from lminf_vllm.attention import QueryRotation, build_plan, run, write_kv
+from lminf_vllm.attention import (QueryRotation, build_plan, cpu_attention, reference, run,
+                                  write_kv)
 from lminf_vllm.config import LMInfConfig
 
 # float32 paged path vs float64: sums of a few hundred O(1) products in float32.
@@ -58,6 +60,19 @@ def rotation_table(case: Case, inv_freq: torch.Tensor) -> QueryRotation:
                                           case.trained_length + 1, case.style == "neox")
 
 
+def cpu_one_tile_per_batch(plan, query, cache, output, rotation, scale):
+    """The CPU path with a workspace of one tile: every tile in its own batch."""
+    prepared = cpu_attention.prepare(plan, rotation, cache.shape[1], cache.shape[3] // 2,
+                                     workspace_elements=1)
+    assert len(prepared.batches) == sum(g.query_rows.shape[0] for g in plan.groups)
+    cpu_attention.attend(prepared, query, cache, output, scale)
+
+
+# Every path that computes attention on the CPU, as run(plan, q, cache, out, rotation, scale).
+PATHS = {"reference": reference.attend, "cpu": run,
+         "cpu-one-tile-per-batch": cpu_one_tile_per_batch}
+
+
 def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0):
     """One engine step. batch: [(request row, context after step, q, k, v for its queries)]."""
     rows = [b[0] for b in batch]
@@ -68,12 +83,13 @@ def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None
     write_kv(plan, cat(3), cat(4), cache)
     if attend:
         output = torch.zeros_like(cat(2))
-        run(plan, cat(2), cache, output, rotation, scale)
+        attend(plan, cat(2), cache, output, rotation, scale)
         return output.split(query_lens)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", CASES)
-def test_reference_matches_the_float64_oracle(name):
+def test_paths_match_the_float64_oracle(name, path):
     case = CASES[name]
     torch.manual_seed(hash(name) % 2**31)
     final_chunk = max(q for _, q in case.requests)
@@ -105,7 +121,7 @@ def test_reference_matches_the_float64_oracle(name):
             sl = slice(start, end)
             step(config, cache, block_table, ring_pages,
                  [(row, end, frame(q[sl], pos[sl]), frame(k[sl], pos[sl]), v[sl])],
-                 attend=False)
+                 attend=None)
 
     batch = []
     for row, ((context, final), (q, k, v)) in enumerate(zip(case.requests, streams)):
@@ -113,7 +129,7 @@ def test_reference_matches_the_float64_oracle(name):
         pos = torch.arange(context)[sl]
         batch.append((row, context, frame(q[sl], pos), frame(k[sl], pos), v[sl]))
     scale = case.head_dim ** -0.5
-    outputs = step(config, cache, block_table, ring_pages, batch, attend=True,
+    outputs = step(config, cache, block_table, ring_pages, batch, attend=PATHS[path],
                    rotation=rotation_table(case, inv_freq), scale=scale)
 
     for row, ((context, final), (q, k, v), out) in enumerate(zip(case.requests, streams, outputs)):
@@ -129,7 +145,8 @@ def test_reference_matches_the_float64_oracle(name):
             f"{int(positions[worst[0]]) // case.page_size})")
 
 
-def test_lminf_equals_causal_attention_when_window_and_l_cover_the_stream():
+@pytest.mark.parametrize("path", PATHS)
+def test_lminf_equals_causal_attention_when_window_and_l_cover_the_stream(path):
     """Metamorphic: with n_local >= T and L >= T the Λ mask and the distance limit vanish."""
     torch.manual_seed(1)
     length, page_size, heads, head_dim = 96, 8, 2, 16
@@ -144,7 +161,7 @@ def test_lminf_equals_causal_attention_when_window_and_l_cover_the_stream():
     write_kv(plan, frame(k), v.float(), cache)
     out = torch.zeros(length, heads, head_dim)
     case = Case(page_size, 0, 128, 128, heads, heads, head_dim, head_dim, "neox", 1, False, [])
-    run(plan, frame(q), cache, out, rotation_table(case, inv_freq), head_dim ** -0.5)
+    PATHS[path](plan, frame(q), cache, out, rotation_table(case, inv_freq), head_dim ** -0.5)
 
     absolute = lambda x: oracle.rope_rotate(x, pos[:, None], inv_freq)
     causal = torch.nn.functional.scaled_dot_product_attention(

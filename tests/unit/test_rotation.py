@@ -3,7 +3,7 @@
 import torch
 
 from lminf_vllm.attention import plan_tile_queries, rotation_for
-from lminf_vllm.attention.plan import DEFAULT_TILE_QUERIES
+from lminf_vllm.attention import cpu_attention
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.config import LMInfConfig
 
@@ -34,11 +34,14 @@ def test_with_angles_keeps_a_table_that_is_long_enough():
     assert rotation.with_angles(300) is rotation and rotation.with_angles(12) is rotation
 
 
-def test_cpu_path_keeps_the_reference_tiles_and_table():
+def test_cpu_path_tiles_and_table():
     config = LMInfConfig(n_global=64, n_local=256, trained_length=256, page_size=16,
                          max_prefill_chunk_tokens=4096)
     rotation = QueryRotation(model_table(257), 64, True)
-    assert plan_tile_queries(config, torch.device("cpu")) == DEFAULT_TILE_QUERIES
-    assert rotation_for(rotation, config, torch.device("cpu")).cos_sin.shape[0] == 257
+    tile = plan_tile_queries(config, torch.device("cpu"))
+    assert tile == cpu_attention.tile_queries(config) == 64
+    # the CPU path turns keys by up to L + B past the tile's anchor and queries by a tile
+    assert (rotation_for(rotation, config, torch.device("cpu")).cos_sin.shape[0]
+            == cpu_attention.angles_needed(config, tile) == 256 + 16 + 64 + 1)
     # on CUDA the backend plans one tile per chunk (the table grows with it: triton_prefill)
     assert plan_tile_queries(config, torch.device("cuda")) == 4096
