@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="prefill chunk: bounds the [chunk, vocab] prompt-logprob buffer")
+    parser.add_argument("--eager", action="store_true",
+                        help="no torch.compile warm-up (minutes on a crowded 2-core machine)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     stock_length = min(args.stock_length or args.length, args.length)
@@ -120,7 +122,8 @@ def main() -> None:
                for s in window_starts(len(tokens), args.length, args.windows)]
     segments = segments_for(trained_length, args.length)
     common = dict(model=model, dtype=args.dtype, gpu_memory_utilization=0.3,
-                  max_num_seqs=4, seed=0, max_num_batched_tokens=args.max_num_batched_tokens)
+                  max_num_seqs=4, seed=0, max_num_batched_tokens=args.max_num_batched_tokens,
+                  enforce_eager=args.eager)
     runs = {
         "lminf": (dict(common, attention_backend="lminf", max_model_len=args.length + 1),
                   prompts),
