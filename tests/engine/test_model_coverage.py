@@ -93,27 +93,3 @@ def test_unservable_family_fails_at_startup_naming_the_reason(model_type, config
         EngineArgs(model=str(tmp_path), attention_backend="lminf", dtype="float32",
                    skip_tokenizer_init=True).create_engine_config()
 
-
-def test_second_engine_in_one_process_uses_its_own_rope(prompt, tmp_path, monkeypatch):
-    """Two engines in one process (no engine-core subprocess), one after the other: a
-    linear-scaled model with L = 64, then a default-RoPE model of the same head size with
-    trained_length 48. The second must match its own oracle, not reuse the first's table."""
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    by_name = {f.name: f for f in FAMILIES}
-    runs = [(by_name["llama, linear RoPE"], TRAINED_LENGTH),
-            (by_name["qwen2 (qkv bias)"], 48)]
-    for family, length in runs:
-        model_dir = make_checkpoint(family, tmp_path / family.model_type)
-        llm = LLM(model=str(model_dir), attention_backend="lminf", dtype="float32",
-                  skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.3,
-                  max_model_len=512, max_num_seqs=2, seed=0, additional_config={
-                      "lminf": {"n_global": N_GLOBAL, "trained_length": length}})
-        try:
-            out = llm.generate([{"prompt_token_ids": prompt}],
-                               SamplingParams(max_tokens=1, prompt_logprobs=0,
-                                              detokenize=False))[0]
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-        expected = Float64HFModel(model_dir).prompt_logprobs(
-            prompt, mode="lminf", n_global=N_GLOBAL, n_local=length, L=length, B=PAGE_SIZE)
-        assert_close(prompt_logprobs(out), expected, f"{family.name}, L {length}, in-process")
