@@ -61,8 +61,10 @@ FAMILIES = [
     Family("mistral", "mistral", "rotate-half, full", "default", dict(sliding_window=None)),
     Family("gemma (head 64 x 4 heads on hidden 128)", "gemma", "rotate-half, full",
            "default", dict(head_dim=64, hidden_activation="gelu_pytorch_tanh")),
+    # Phi3Config defaults original_max_position_embeddings to 4,096; a model trained at L
+    # states it, as the real Phi-3 configs do.
     Family("phi3 (fused qkv)", "phi3", "rotate-half, full", "default",
-           dict(sliding_window=None)),
+           dict(sliding_window=None, original_max_position_embeddings=TRAINED_LENGTH)),
     Family("stablelm (partial rotary 0.25)", "stablelm", "rotate-half, 8 of 32 dims",
            "default", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                             "partial_rotary_factor": 0.25})),
