@@ -22,9 +22,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from lminf_vllm import BACKEND_NAME, attention
+from lminf_vllm import BACKEND_NAME, attention, engine_context
 from lminf_vllm import config as lminf_config
-from lminf_vllm.patches.page_local_rope import query_rotation_for
+from lminf_vllm.kv_cache import LMInfSpec
 
 
 class LMInfBackend(AttentionBackend):
@@ -64,18 +64,9 @@ class LMInfBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """The layer's spec as an LMInfSpec: rows of G pinned pages plus a ring of R."""
-        from vllm.config import get_current_vllm_config_or_none
-
-        from lminf_vllm.kv_cache import LMInfSpec
-
-        vllm_config = get_current_vllm_config_or_none()
-        if vllm_config is None:
-            raise RuntimeError("lminf: customize_spec needs the engine's vLLM config "
-                               "(called outside set_current_vllm_config)")
-        return LMInfSpec.from_attention_spec(spec, lminf_config.from_vllm_config(vllm_config))
+    # The layer's KV spec (an LMInfSpec: G pinned pages plus a ring of R) is built from the
+    # engine's config where vLLM hands it over, Attention.get_kv_cache_spec
+    # (patches/layer_kv_spec.py), not in customize_spec, which gets no config.
 
 
 @dataclass
@@ -90,9 +81,14 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not isinstance(kv_cache_spec, LMInfSpec):
+            raise RuntimeError(f"lminf: layers {layer_names} got a "
+                               f"{type(kv_cache_spec).__name__}, not the ring spec "
+                               "(patches/layer_kv_spec.py)")
         self.config = lminf_config.from_vllm_config(vllm_config)
-        self.rotation = attention.rotation_for(query_rotation_for(kv_cache_spec.head_size),
-                                               self.config, device)
+        self.rotation = attention.rotation_for(
+            engine_context.of(vllm_config).query_rotation(kv_cache_spec.head_size),
+            self.config, device)
         self.tile_queries = attention.plan_tile_queries(self.config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,

@@ -7,10 +7,11 @@ LMINF pickle as a call to `lminf_vllm.backend_member`, which registers the plugi
 child first and then returns the member; every other member pickles as before.
 """
 
-from ._patch import Patch, carries_mark, mark_applied
+from ._patch import CPU_0_32, CUDA_0_32, CUDA_0_33, Patch, carries_mark, mark_applied
 
 NAME = "backend_enum_pickle"
 TARGET = "vllm.v1.attention.backends.registry:AttentionBackendEnum.__reduce_ex__"
+REGISTER = "vllm.v1.attention.backends.registry:AttentionBackendEnum.register"
 
 
 def _install() -> None:
@@ -35,8 +36,11 @@ PATCH = Patch(
     why="spawned EngineCore/worker processes unpickle the config before loading plugins",
     upstream="none yet: plugin-registered enum members cannot survive spawn in vLLM 0.32",
     remove_when="vLLM loads general plugins before unpickling engine arguments",
-    fingerprinted={"vllm.v1.attention.backends.registry:AttentionBackendEnum.register":
-                   "c751d75289673feb"},
+    fingerprints={
+        CPU_0_32: {REGISTER: "c751d75289673feb"},
+        CUDA_0_32: {REGISTER: "c751d75289673feb"},
+        CUDA_0_33: {REGISTER: "c751d75289673feb"},
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
 )

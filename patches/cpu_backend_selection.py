@@ -5,7 +5,7 @@ only an info log. This patch returns LMINF when it was selected, after the same
 validate_configuration check the CUDA platform runs, and defers to the original otherwise.
 """
 
-from ._patch import Patch, carries_mark, mark_applied, on_cpu_platform
+from ._patch import CPU_0_32, Patch, carries_mark, mark_applied
 
 NAME = "cpu_backend_selection"
 TARGET = "vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls"
@@ -39,8 +39,9 @@ PATCH = Patch(
     why="the CPU platform silently replaces any backend but its own by CPU_ATTN",
     upstream="none: vLLM 0.32 has no out-of-tree attention backend hook on CPU",
     remove_when="CpuPlatform honours registered backends like CudaPlatform does",
-    fingerprinted={TARGET: "b6eba62a9afd4d18"},
+    fingerprints={
+        CPU_0_32: {TARGET: "b6eba62a9afd4d18"},
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
-    applicable=on_cpu_platform,
 )

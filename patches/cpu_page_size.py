@@ -6,7 +6,7 @@ the exact window in half. When LMINF is selected and the block size is not the u
 patch sets it to `lminf_vllm.config.auto_page_size(L)` and logs the choice.
 """
 
-from ._patch import Patch, carries_mark, mark_applied, on_cpu_platform
+from ._patch import CPU_0_32, Patch, carries_mark, mark_applied
 
 NAME = "cpu_page_size"
 TARGET = "vllm.platforms.cpu:CpuPlatform.check_and_update_config"
@@ -46,8 +46,9 @@ PATCH = Patch(
     why="the CPU default of 128-token pages shrinks the exact window for short L",
     upstream="none: a backend cannot state a preferred block size on CPU in vLLM 0.32",
     remove_when="the CPU platform asks the selected backend for its preferred block size",
-    fingerprinted={TARGET: "d2960ad5d1836767"},
+    fingerprints={
+        CPU_0_32: {TARGET: "d2960ad5d1836767"},
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
-    applicable=on_cpu_platform,
 )

@@ -10,7 +10,7 @@ fails at startup naming the parameter.
 
 import contextvars
 
-from ._patch import Patch, carries_mark, mark_applied
+from ._patch import CPU_0_32, CUDA_0_32, CUDA_0_33, Patch, carries_mark, mark_applied
 
 NAME = "long_context"
 TARGET = "vllm.engine.arg_utils:EngineArgs.create_engine_config"
@@ -67,7 +67,11 @@ PATCH = Patch(
     why="LM-Infinite exists to serve streams far past L; the check is right for plain RoPE",
     upstream="none: the check is correct for every other backend",
     remove_when="vLLM lets an attention backend declare that it bounds RoPE distances",
-    fingerprinted={TARGET: "b9b94288f46d2f67", MAX_LEN_CHECK: "5f1b7a92980bb33b"},
+    fingerprints={
+        CPU_0_32: {TARGET: "b9b94288f46d2f67", MAX_LEN_CHECK: "5f1b7a92980bb33b"},
+        CUDA_0_32: {TARGET: "b9b94288f46d2f67", MAX_LEN_CHECK: "5f1b7a92980bb33b"},
+        CUDA_0_33: {TARGET: "1f916622074963ee", MAX_LEN_CHECK: "5f1b7a92980bb33b"},
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
 )

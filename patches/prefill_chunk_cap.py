@@ -17,7 +17,7 @@ A KV connector (kv_transfer_config) is refused at the same point with the reason
 pages by position, which a ring does not keep.
 """
 
-from ._patch import Patch, carries_mark, mark_applied
+from ._patch import CPU_0_32, CUDA_0_32, CUDA_0_33, Patch, carries_mark, mark_applied
 
 NAME = "prefill_chunk_cap"
 TARGET = "vllm.v1.core.sched.scheduler:Scheduler.schedule"
@@ -107,7 +107,11 @@ PATCH = Patch(
          "one request is eligible"),
     upstream="none: the lone-request exemption is right when KV grows with the request",
     remove_when="vLLM lets a KV cache spec bound the tokens a request may schedule per step",
-    fingerprinted={TARGET: "da4f2cf2fc39c39e", INIT: "c026802456720b43"},
+    fingerprints={
+        CPU_0_32: {TARGET: "da4f2cf2fc39c39e", INIT: "c026802456720b43"},
+        CUDA_0_32: {TARGET: "da4f2cf2fc39c39e", INIT: "c026802456720b43"},
+        CUDA_0_33: {TARGET: "fa34c8a13c0a8936", INIT: "be8d75276383af5e"},
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
 )

@@ -9,7 +9,7 @@ input batch, and computes that table's slot mapping through `rope_frame.table_sl
 so vLLM's own slot mapping is correct too (and nothing reads out of bounds).
 """
 
-from ._patch import Patch, carries_mark, mark_applied
+from ._patch import CPU_0_32, CUDA_0_32, CUDA_0_33, Patch, carries_mark, mark_applied
 
 NAME = "ring_slot_mapping"
 TARGET = "vllm.v1.worker.block_table:BlockTable.compute_slot_mapping"
@@ -85,7 +85,11 @@ PATCH = Patch(
              "KVCacheSpec.uses_slot_mapping (only the V2 runner honours it)",
     remove_when="the V1 runner skips the slot mapping for specs with uses_slot_mapping=False "
                 "or asks the spec for its slot mapping",
-    fingerprinted={TARGET: "1090515a52c58b28", RUNNER_HOOK: "2c784736af70e848"},
+    fingerprints={
+        CPU_0_32: {TARGET: "1090515a52c58b28", RUNNER_HOOK: "2c784736af70e848"},
+        CUDA_0_32: {TARGET: "1090515a52c58b28", RUNNER_HOOK: "2c784736af70e848"},
+        CUDA_0_33: {TARGET: "1090515a52c58b28", RUNNER_HOOK: "2c784736af70e848"},
+    },
     install=_install,
     installed=carries_mark(TARGET, NAME),
 )

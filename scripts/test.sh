@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
+# Every patch and vLLM interface against the CUDA wheels' sources (vllm 0.32.0, 0.33.0):
+# pip download --no-deps into a cache (about 35 s for both wheels when not cached), never
+# installed; then the tests.
+python -m lminf_vllm.patches check-wheels
 python -m pytest tests/unit tests/engine -p no:cacheprovider "$@"

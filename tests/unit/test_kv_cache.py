@@ -234,7 +234,8 @@ def test_token_buffers_are_committed_on_write_and_released_with_the_slot():
     """InputBatch at max_model_len = 2e8 and 64 slots: 64 GB of token buffers if committed."""
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
-    from lminf_vllm.patches.bounded_buffers import LAZY_ROWS_ATTR, release_row
+    from lminf_vllm.lazy_memory import release_row
+    from lminf_vllm.patches.bounded_buffers import LAZY_ROWS_ATTR
 
     rss_before = _rss_bytes()
     batch = InputBatch(max_num_reqs=64, max_model_len=200_000_000, max_num_batched_tokens=512,
