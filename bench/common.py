@@ -45,10 +45,10 @@ def machine() -> dict:
     }
 
 
-def save(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def save(name: str, result: dict, results_dir: Path = RESULTS) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
     day = datetime.date.today().isoformat()
-    path = RESULTS / f"{day}_cpu_{name}.json"
+    path = results_dir / f"{day}_cpu_{name}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2))
     return path
 

@@ -136,6 +136,9 @@ def rope_parameters(hf_config: Any) -> list[dict[str, Any]]:
     """The model's RoPE parameter dicts (one per layer type when nested)."""
     params = getattr(hf_config, "rope_parameters", None)
     if not isinstance(params, Mapping) or not params:
+        # GPT-J states its RoPE as rotary_dim alone; vLLM serves it with the default table.
+        if getattr(hf_config, "rotary_dim", None) and getattr(hf_config, "rotary", True):
+            return [{"rope_type": "default"}]
         return []
     if all(isinstance(v, Mapping) for v in params.values()):
         return [dict(v) for v in params.values() if v]

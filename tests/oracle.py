@@ -11,6 +11,8 @@ Contents:
     ``tests/unit/test_oracle.py``.
   * ``Float64Llama``: a float64 Llama forward read straight from safetensors (no transformers
     model classes), giving per-token prompt log-probabilities in "dense" or "lminf" mode.
+  * ``Float64HFModel``: any transformers causal LM in float64 with section-2 attention, its
+    RoPE from ``served_rope`` (the table vLLM serves for the config), for the model families.
   * ``perplexity_by_segment``.
 """
 
@@ -312,3 +314,104 @@ class Float64Llama:
             hidden = _rms_norm(hidden, self.weights["model.norm.weight"], self.rms_norm_eps)
             logprobs = torch.log_softmax(hidden[:-1] @ self.lm_head.T, dim=-1)
             return logprobs.gather(1, token_ids[1:, None])[:, 0].numpy()
+
+
+def served_rope(config) -> tuple[torch.Tensor, str]:
+    """(inv_freq [rotary_dim / 2], pair layout) of the RoPE vLLM applies for an HF config.
+
+    Written from each scaling's definition, not from vLLM's or lminf's code: the angle of a
+    relative distance d is d * inv_freq in every supported type, since each table is
+    cos/sin of positions times fixed frequencies.
+      default   1 / theta^(2i / rotary_dim)
+      linear    default / factor                      (positions divided by factor)
+      dynamic   default with theta * (factor * max_pos / max_trained - (factor - 1))
+                ^ (rotary_dim / (rotary_dim - 2)): vLLM's table is this fixed, NTK-scaled
+                base (transformers' is dynamic in the sequence length; vLLM's is served)
+      llama3, yarn  the frequency blends of their papers, from transformers' rope init
+    GPT-J pairs features (2i, 2i + 1) ("gptj"); every other family rotates halves ("neox").
+    The rotary dimension is head_dim * partial_rotary_factor (GPT-J: config.rotary_dim).
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", "default")
+    if config.model_type == "gptj":
+        return default_inv_freq(config.rotary_dim, theta), "gptj"
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial)
+    if rope_type == "default":
+        return default_inv_freq(rotary_dim, theta), "neox"
+    if rope_type == "linear":
+        return default_inv_freq(rotary_dim, theta) / rope["factor"], "neox"
+    if rope_type == "dynamic":
+        factor, max_pos = rope["factor"], config.max_position_embeddings
+        max_trained = rope.get("max_trained_positions", max_pos)
+        scaled = theta * (factor * max_pos / max_trained - (factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2))
+        return default_inv_freq(rotary_dim, scaled), "neox"
+    if rope_type in ("llama3", "yarn"):
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        return inv_freq.to(torch.float64), "neox"
+    raise NotImplementedError(f"oracle: rope_type={rope_type!r} is not written")
+
+
+class Float64HFModel:
+    """Any transformers causal LM in float64 with DESIGN §2 attention in every layer.
+
+    The architecture (norms, MLP, biases, head layout, parallel residual) is transformers'
+    own; only attention is replaced. The model runs with every position id 0, so its own
+    RoPE turns nothing (cos 1, sin 0; a YaRN attention factor still scales q and k, as it
+    does in vLLM) and the queries and keys reach the replacement unrotated; there
+    `causal_lambda_attention` rotates them with `served_rope`, the table vLLM serves.
+    """
+
+    def __init__(self, model_dir):
+        from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+
+        self._attention_kwargs: dict = {}
+        name = f"lminf_oracle_{id(self)}"
+        AttentionInterface.register(name, self._attention)
+        # GPT-J picks an attention class by implementation name: eager, then its _attn below
+        if AutoConfig.from_pretrained(model_dir).model_type == "gptj":
+            name = "eager"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64,
+                                                          attn_implementation=name)
+        self.model.eval()
+        self.inv_freq, self.style = served_rope(self.model.config)
+        for module in self.model.modules():
+            if type(module).__name__ == "GPTJAttention":  # GPT-J bypasses the interface
+                module._attn = self._gptj_attention(module)
+
+    def _lambda(self, query, key, value, scale):
+        """query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
+        heads_first = lambda x: x[0].transpose(0, 1)
+        out = causal_lambda_attention(heads_first(query), heads_first(key), heads_first(value),
+                                      inv_freq=self.inv_freq, style=self.style, scale=scale,
+                                      **self._attention_kwargs)
+        return out[None].to(query.dtype)
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None,
+                   dropout=0.0, **kwargs):
+        return self._lambda(query, key, value, scaling), None
+
+    def _gptj_attention(self, module):
+        def attn(query, key, value, attention_mask=None):
+            out = self._lambda(query, key, value, module.head_dim**-0.5)
+            return out.transpose(1, 2), None
+        return attn
+
+    def prompt_logprobs(self, token_ids, *, mode: str, n_global: int, n_local: int, L: int,
+                        B: int) -> np.ndarray:
+        """log p(token[i+1] | token[0..i]) for i = 0..len-2, float64 [len - 1]; mode as in
+        Float64Llama.prompt_logprobs."""
+        if mode not in ("dense", "lminf"):
+            raise ValueError(f"oracle: mode={mode!r} must be 'dense' or 'lminf'")
+        self._attention_kwargs = dict(n_global=n_global, n_local=n_local, L=L, B=B,
+                                      dense=mode == "dense")
+        ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None]
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, position_ids=torch.zeros_like(ids)).logits[0]
+        logprobs = torch.log_softmax(logits[:-1].double(), dim=-1)
+        return logprobs.gather(1, ids[0, 1:, None])[:, 0].numpy()

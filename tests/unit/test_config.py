@@ -64,6 +64,14 @@ def test_unsupported_models_fail_with_the_reason(hf, reason):
         make(**hf)
 
 
+def test_gptj_rotary_dim_counts_as_rope():
+    """GPT-J states RoPE as rotary_dim alone (no rope_parameters); vLLM serves it with RoPE."""
+    cfg = make(rope_parameters=None, rotary_dim=32)
+    assert cfg.trained_length == 256
+    with pytest.raises(LMInfConfigError, match="no RoPE"):
+        make(rope_parameters=None, rotary_dim=32, rotary=False)
+
+
 def test_models_with_their_own_sliding_window_are_refused():
     with pytest.raises(LMInfConfigError, match="sliding window"):
         build_config({}, page_size=16, hf_config=hf_config(), max_num_batched_tokens=512,

@@ -1,0 +1,540 @@
+"""Triton Λ-attention chunked prefill: a tile of queries against its pinned pages and ring.
+
+Reads the same TileGroup as `reference.attend_group` (any T; the chunk's own keys are already
+in the cache) and computes the same function (DESIGN §2-3). Per (query t, page p) the query
+must turn by angle(t, p) = min(t - b_p, L) - t mod B before its dot products with the page's
+keys (stored turned by j - b_p). Every (t, p) falls in one of two cases:
+
+  exact  (t - b_p <= L): the logit is plain RoPE at distance t - j. With the tile's anchor
+         a = B * floor(t_first / B): <R(t - t mod B - a) q, R(b_p - a) k>.
+  capped (t - b_p >  L): angle = L - t mod B, independent of the page: the query turns once
+         and the keys are used as stored.
+
+Two launches per group:
+
+1. `turn_pages_kernel` turns each key of the tile's page list once per step by b_p - a into
+   a dense [tile, KV head, slot, :] copy, beside a dense copy of the values (slots not written
+   yet are zeros). This is the one place a key is turned (not once per query head and row
+   block in the inner loop).
+2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
+   queries twice (exact and capped) and visits the keys in the page list's order:
+   * global pages every row is past L for: the capped product alone (`attend_far_global`);
+     the other global pages: both cases per pair (`attend_general`);
+   * window pages (contiguous positions) from the first key any row sees:
+     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases;
+     - then the exact case from the dense copy: masked at the window's far edge, unmasked
+       in the middle (plain flash attention: most of a long window), masked on the diagonal
+       (the masked runs in narrower blocks than the unmasked one).
+   Loop bounds are computed once per program from t0, t1 and the window's first page, so
+   the unmasked loop has no per-pair mask and no branch. The block shape follows the
+   window's length (LONG_WINDOW_BLOCKS / SHORT_WINDOW_BLOCKS). Given the step's output,
+   the kernel writes its rows there in the output's dtype.
+
+Angles reach the tile's length (queries) and -(n_local + B) (keys): the rotation table must
+have `angles_needed(config, T)` rows (QueryRotation.with_angles composes rows past L).
+Positions are compared relative to the anchor in int32 (far keys clamped to -2^30, which
+keeps them outside the window and past L), so any int64 position works; 2e8 is tested.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inputs, cos_sin,
+                                                 load_stored_keys, per_key, rope_halves,
+                                                 rotate)
+
+# Block shapes by window length, measured on the H100 (bench/results/bench_kernels.json and
+# prefill_block_shapes.json): query rows per program, keys per block of the unmasked loop,
+# warps, its pipeline depth, and keys per block and pipeline depth of the masked exact loops
+# (the window's far edge and the diagonal; a mask over a 128 x 128 block spills). 128-row
+# programs pay for their edges (about 128 + 64 masked keys per row) only when the unmasked
+# middle is long: from n_local 4096 on (385-392 vs 379 TF/s there, 310 vs 340 at 2048, 64 vs
+# 109 at 256).
+# Both shapes share the other two: keys per block where both cases are computed (global
+# pages, the window's oldest pages; two logit blocks live at once there, so 32 keys keep the
+# register peak down) and of the global pages every row is past L (one product per pair).
+LONG_WINDOW = 4096
+LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
+                          edge_block_n=64, edge_stages=2, general_block_n=32, far_block_n=64)
+SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
+                           edge_block_n=32, edge_stages=2, general_block_n=32, far_block_n=64)
+# Pages one program of turn_pages_kernel turns.
+TURN_PAGES = 8
+# A key farther back than this from the anchor is clamped to it (still far: outside the
+# window and past the distance limit).
+FAR = tl.constexpr(1 << 30)
+# The last compiled launch (bench/ reads its n_regs and n_spills).
+LAST_LAUNCH = None
+
+
+def angles_needed(config, tile_queries: int) -> int:
+    """Rows of the rotation table the prefill of tiles of `tile_queries` queries reads.
+
+    Queries turn by t - t mod B - a < T + B; exact-case keys by |b_p - a| <= max(L, T + B).
+    """
+    return max(config.trained_length, tile_queries + 2 * config.page_size) + 1
+
+
+@triton.jit
+def turn_pages_kernel(
+    kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr,
+    keys_ptr,                        # out: [N, Hkv, P * B, KEY_DIM], turned by b_p - a
+    values_ptr,                      # out: [N, Hkv, P * B, HEAD_DIM_PAD]
+    stride_kb, stride_kh, stride_ks, stride_table, stride_pos_n, stride_page_n,
+    stride_kn, stride_kkh, stride_vn, stride_vh,
+    num_queries, num_pages, max_angle,
+    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    KEY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, PAGES: tl.constexpr,
+):
+    n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    page_lo = tl.program_id(2) * PAGES
+    t_first = tl.load(pos_ptr + n * stride_pos_n)
+    t_last = tl.load(pos_ptr + n * stride_pos_n + num_queries - 1)
+    anchor = t_first - t_first % PAGE_SIZE
+
+    page = page_lo + tl.arange(0, PAGES)
+    base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
+    angle = tl.minimum(tl.maximum(base - anchor, -max_angle), max_angle).to(tl.int32)
+    cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
+    cos = per_key(cos, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
+    sin = per_key(sin, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
+
+    key = tl.arange(0, PAGES * PAGE_SIZE)
+    key_page = page_lo + key // PAGE_SIZE
+    offset = key % PAGE_SIZE
+    key_base = tl.load(base_ptr + n * stride_page_n + key_page, mask=key_page < num_pages,
+                       other=-1)
+    block = tl.load(block_ptr + n * stride_page_n + key_page, mask=key_page < num_pages,
+                    other=0)
+    written = (key_base >= 0) & (key_base + offset <= t_last)   # else: zeros in the copy
+    stored = key_page < num_pages
+    src = kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh + offset * stride_ks
+    k1, k2, kp = load_stored_keys(src, written, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    k1t, k2t = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
+
+    slot = page_lo * PAGE_SIZE + key
+    dst = keys_ptr + n * stride_kn + kv_head * stride_kkh + slot.to(tl.int64) * KEY_DIM
+    h = tl.arange(0, HALF_PAD)
+    tl.store(dst[:, None] + h[None, :], k1t.to(k1.dtype), mask=stored[:, None])
+    tl.store(dst[:, None] + HALF_PAD + h[None, :], k2t.to(k1.dtype), mask=stored[:, None])
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        tl.store(dst[:, None] + 2 * HALF_PAD + p_idx[None, :], kp, mask=stored[:, None])
+    d = tl.arange(0, HEAD_DIM_PAD)
+    v = tl.load(src[:, None] + HEAD_DIM + d[None, :],
+                mask=written[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    v_dst = values_ptr + n * stride_vn + kv_head * stride_vh + slot.to(tl.int64) * HEAD_DIM_PAD
+    tl.store(v_dst[:, None] + d[None, :], v, mask=stored[:, None])
+
+
+@triton.jit
+def load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+               HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+               PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Rows' query features of one head: the two members of each rotation pair (float32)
+    and the passthrough features (input dtype; zeros when PASS == 0, unused then)."""
+    first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
+    q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
+    q_mask = row_ok[:, None] & half_ok[None, :]
+    q1 = tl.load(q_base + first[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q_base + second[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    p_idx = tl.arange(0, PASS_PAD)
+    qp = tl.load(q_base + 2 * HALF + p_idx[None, :],
+                 mask=row_ok[:, None] & (p_idx < PASS)[None, :], other=0.0)
+    return q1, q2, qp
+
+
+@triton.jit
+def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
+                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
+    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots."""
+    h = tl.arange(0, HALF_PAD)
+    slot = slot_lo + tl.arange(0, BLOCK_N)
+    ptr = keys + slot.to(tl.int64)[:, None] * KEY_DIM
+    if MASKED_LOAD:
+        k1 = tl.load(ptr + h[None, :], mask=key_mask[:, None], other=0.0)
+        k2 = tl.load(ptr + HALF_PAD + h[None, :], mask=key_mask[:, None], other=0.0)
+    else:
+        k1 = tl.load(ptr + h[None, :])
+        k2 = tl.load(ptr + HALF_PAD + h[None, :])
+    s = tl.dot(qe1, tl.trans(k1))
+    s = tl.dot(qe2, tl.trans(k2), s)
+    if PASS > 0:
+        p_idx = tl.arange(0, PASS_PAD)
+        if MASKED_LOAD:
+            kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :], mask=key_mask[:, None],
+                         other=0.0)
+        else:
+            kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
+        s = tl.dot(qp, tl.trans(kp), s)
+    return s
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, s, values, slot_lo, key_mask,
+                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
+    """Online softmax (s: logits in log2 units, masked) and the values' product."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    slot = slot_lo + tl.arange(0, BLOCK_N)
+    ptr = values + slot.to(tl.int64)[:, None] * HEAD_DIM_PAD + d[None, :]
+    if MASKED_LOAD:
+        v = tl.load(ptr, mask=key_mask[:, None], other=0.0)
+    else:
+        v = tl.load(ptr)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, slot, key_ok,
+                  stride_kb, stride_kh, stride_ks, stride_page_n,
+                  PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                  PASS: tl.constexpr, PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """<q turned by L - t mod B, key as stored> (the capped case) for a block of slots,
+    read from their pages (slot // B is the page's index in the tile's list, slot mod B the
+    key in it)."""
+    block = tl.load(block_ptr + n * stride_page_n + slot // PAGE_SIZE, mask=key_ok, other=0)
+    src = (kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh
+           + (slot % PAGE_SIZE) * stride_ks)
+    k1, k2, kp = load_stored_keys(src, key_ok, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    s = tl.dot(qc1, tl.trans(k1))
+    s = tl.dot(qc2, tl.trans(k2), s)
+    if PASS > 0:
+        s = tl.dot(qp, tl.trans(kp), s)
+    return s
+
+
+@triton.jit
+def attend_general(acc, m_i, l_i, slot_lo, j_lo, j_hi, n, kv_head, t_rel, anchor,
+                   qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
+                   stride_kb, stride_kh, stride_ks, stride_page_n,
+                   n_global, n_local, trained_length,
+                   PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                   PASS: tl.constexpr, PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys j_lo .. j_lo + BLOCK_N (< j_hi) at dense slots slot_lo..: both cases per pair.
+
+    Exact pairs use the dense turned copy; capped pairs the stored keys.
+    """
+    key = tl.arange(0, BLOCK_N)
+    j = j_lo + key
+    key_ok = j < j_hi
+    s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True)
+    s_capped = stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, slot_lo + key, key_ok,
+                             stride_kb, stride_kh, stride_ks, stride_page_n,
+                             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    j_rel = tl.maximum(j - anchor, -FAR).to(tl.int32)
+    page_rel = tl.maximum(j - j % PAGE_SIZE - anchor, -FAR).to(tl.int32)
+    exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
+    dist = t_rel[:, None] - j_rel[None, :]
+    visible = (key_ok[None, :] & (dist >= 0)
+               & ((j < n_global)[None, :] | (dist < n_local)))
+    s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
+def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+                      block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+                      PAGE_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                      PASS: tl.constexpr, PASS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                      IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Global keys j_lo .. j_lo + BLOCK_N (< j_hi) that every row sees past L: one product.
+
+    Every row is further than L from each of these pages (the caller's bound), so every
+    pair is capped and visible (global, behind every row): only j < n_global masks.
+    """
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = (j < j_hi) & (j < n_global)
+    s = stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, j, key_ok,
+                      stride_kb, stride_kh, stride_ks, stride_page_n,
+                      PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, j_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
+def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qp,
+                  keys, values, n_local,
+                  HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                  KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N, all pairs exact, from the dense copy.
+
+    MASKED: the block touches the window's far edge or the diagonal (or ends past j_hi);
+    otherwise every row sees every key of the block and no mask is evaluated. The mask is the
+    distance alone: keys from j_hi = t1 + 1 on are at negative distance from every row, and
+    padding rows (past the tile's queries) repeat t1 and are not stored.
+    """
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = j < j_hi
+    s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED)
+    if MASKED:
+        dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
+        s = tl.where((dist >= 0) & (dist < n_local), s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
+                        MASKED)
+
+
+@triton.jit
+def lambda_prefill_kernel(
+    # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [rows, rotary_dim] f32
+    q_ptr, kv_ptr, table_ptr,
+    # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P]
+    rows_ptr, pos_ptr, block_ptr, base_ptr,
+    keys_ptr, values_ptr,            # turn_pages_kernel's dense copies
+    out_ptr,                         # [N, T, H, D] float32, or the step's [T_all, H, D]
+    stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_table,
+    stride_row_n, stride_pos_n, stride_page_n,
+    stride_kn, stride_kkh, stride_vn, stride_vh,
+    stride_on, stride_ot, stride_oh,
+    num_queries, num_pages,
+    scale_log2,                      # softmax scale * log2(e)
+    n_global, n_local, trained_length,
+    PAGE_SIZE: tl.constexpr,         # B
+    GROUP: tl.constexpr,             # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HALF: tl.constexpr,              # rotary_dim / 2
+    HALF_PAD: tl.constexpr,
+    PASS: tl.constexpr,              # head_dim - rotary_dim
+    PASS_PAD: tl.constexpr,
+    KEY_DIM: tl.constexpr,           # 2 * HALF_PAD (+ PASS_PAD): a dense key's features
+    IS_NEOX: tl.constexpr,
+    BLOCK_M: tl.constexpr,           # query rows per program
+    BLOCK_N: tl.constexpr,           # keys per block of the exact loops
+    EDGE_BLOCK_N: tl.constexpr,      # keys per block of the masked exact loops
+    EDGE_STAGES: tl.constexpr,       # their pipeline depth (a few blocks per row block)
+    GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
+    FAR_BLOCK_N: tl.constexpr,       # keys per block of the global pages every row is past
+    TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
+):
+    row_block = tl.program_id(0)
+    head = tl.program_id(1)
+    n = tl.program_id(2)
+    kv_head = head // GROUP
+    keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
+    values = values_ptr + n * stride_vn + kv_head * stride_vh
+
+    # ---- the rows' queries and their two turns ----
+    m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = m < num_queries
+    pos = pos_ptr + n * stride_pos_n
+    tile_first = tl.load(pos)
+    tile_last = tl.load(pos + num_queries - 1)
+    anchor = tile_first - tile_first % PAGE_SIZE
+    t0 = tl.load(pos + row_block * BLOCK_M)
+    t1 = tl.load(pos + tl.minimum(row_block * BLOCK_M + BLOCK_M, num_queries) - 1)
+    t = tl.load(pos + m, mask=row_ok, other=t1)
+    q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
+    t_in_page = (t % PAGE_SIZE).to(tl.int32)
+    t_rel = (t - anchor).to(tl.int32)                     # in [0, T + B)
+    q1, q2, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                            HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    dtype = qp.dtype
+    # the softmax scale (in log2 units) rides on the queries: no multiply per logit
+    q1 = q1 * scale_log2
+    q2 = q2 * scale_log2
+    qp = (qp.to(tl.float32) * scale_log2).to(dtype)
+    cos, sin = cos_sin(table_ptr, stride_table, t_rel - t_in_page, HALF, HALF_PAD)
+    qe1, qe2 = rotate(q1, q2, cos, sin)                   # exact case
+    cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
+    qc1, qc2 = rotate(q1, q2, cos, sin)                   # capped case
+    qe1, qe2, qc1, qc2 = qe1.to(dtype), qe2.to(dtype), qc1.to(dtype), qc2.to(dtype)
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # ---- the global pages: the first num_global pages of the list, slots = positions ----
+    # Pages whose base is before t0 - L are past the distance limit for every row: capped
+    # alone (the usual case once a stream is longer than L); the rest both cases.
+    global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
+    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+    far_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
+    for j_lo in tl.range(0, far_keys, FAR_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_far_global(
+            acc, m_i, l_i, j_lo, far_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
+    for j_lo in tl.range(far_keys, global_keys, GENERAL_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_general(
+            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
+            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
+            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
+            GENERAL_BLOCK_N)
+
+    # ---- the window pages: contiguous positions from the list's first window page, at
+    # slot global_keys (+ j - window_base); keys from the first one some row sees to t1 ----
+    global_pages = global_keys // PAGE_SIZE
+    first_window = tl.load(base_ptr + n * stride_page_n + global_pages,
+                           mask=global_pages < num_pages, other=-1)
+    window_base = tl.where(first_window >= 0, first_window, global_keys)
+    slot_of = global_keys - window_base
+    j_start = tl.maximum(window_base, t0 - n_local + 1)
+    j_end = t1 + 1
+    # pages with base < t1 - L can be past the distance limit for some row: both cases
+    capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
+    j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
+    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_general(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, anchor,
+            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
+            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
+            GENERAL_BLOCK_N)
+    # the rest is exact, from the dense copy, in three runs: masked at the window's far edge
+    # [j_exact, edge_end) (keys some row is already past), unmasked in the middle
+    # [edge_end, middle_end) (whole BLOCK_N blocks every row sees: first key inside the
+    # last row's window, last key <= t0), masked on the diagonal [middle_end, t1]. The masked
+    # runs take EDGE_BLOCK_N keys per block: a mask over a BLOCK_M x BLOCK_N block costs
+    # registers the unmasked loop needs for its pipeline.
+    edge_keys = tl.maximum(t1 - n_local + 1 - j_exact, 0)
+    edge_end = tl.minimum(j_exact + tl.cdiv(edge_keys, EDGE_BLOCK_N) * EDGE_BLOCK_N, j_end)
+    middle_end = edge_end + tl.maximum(t0 + 1 - edge_end, 0) // BLOCK_N * BLOCK_N
+    for j_lo in tl.range(j_exact, edge_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
+        acc, m_i, l_i = attend_window(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+            keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+    for j_lo in tl.range(edge_end, middle_end, BLOCK_N):
+        acc, m_i, l_i = attend_window(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+            keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
+    for j_lo in tl.range(middle_end, j_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
+        acc, m_i, l_i = attend_window(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+            keys, values, n_local,
+            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+
+    d = tl.arange(0, HEAD_DIM_PAD)
+    if TO_STEP_ROWS:
+        out_row = q_row.to(tl.int64) * stride_ot
+    else:
+        out_row = n * stride_on + m.to(tl.int64) * stride_ot
+    out = out_ptr + out_row[:, None] + head * stride_oh + d[None, :]
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out, result.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+def _shapes(head_dim: int, rotation) -> dict:
+    """Feature-axis constexprs: the rotation pairs' halves, the passthrough, the key width."""
+    half = rotation.rotary_dim // 2
+    passthrough = head_dim - rotation.rotary_dim
+    shapes = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16), HALF=half,
+                  HALF_PAD=_pow2(half, 16), PASS=passthrough, PASS_PAD=_pow2(passthrough, 16),
+                  IS_NEOX=bool(rotation.is_neox_style))
+    shapes["KEY_DIM"] = 2 * shapes["HALF_PAD"] + (shapes["PASS_PAD"] if passthrough else 0)
+    return shapes
+
+
+def turn_pages(group, kv_cache: torch.Tensor, rotation):
+    """Dense copies of each tile's pages: keys turned by b_p - a, and values.
+
+    Returns keys [N, Hkv, P * B, KEY_DIM] and values [N, Hkv, P * B, HEAD_DIM_PAD] in the
+    cache's dtype; slots not written yet (and padding pages) are zeros.
+    """
+    num_tiles, num_queries = group.query_rows.shape
+    num_pages = group.page_block.shape[1]
+    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[2]
+    shapes = _shapes(kv_cache.shape[3] // 2, rotation)
+    slots = num_pages * page_size
+    keys = torch.empty(num_tiles, num_kv_heads, slots, shapes["KEY_DIM"],
+                       device=kv_cache.device, dtype=kv_cache.dtype)
+    values = torch.empty(num_tiles, num_kv_heads, slots, shapes["HEAD_DIM_PAD"],
+                         device=kv_cache.device, dtype=kv_cache.dtype)
+    table = rotation.cos_sin
+    turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(num_pages, TURN_PAGES))](
+        kv_cache, table, group.query_position, group.page_block, group.page_base, keys, values,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), table.stride(0),
+        group.query_position.stride(0), group.page_block.stride(0),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        num_queries, num_pages, table.shape[0] - 1,
+        PAGE_SIZE=page_size, PAGES=TURN_PAGES, **shapes)
+    return keys, values
+
+
+def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
+                 scale: float, output: torch.Tensor | None = None, **blocks) -> torch.Tensor:
+    """Prefill Λ-attention of one group; same contract as reference.attend_group.
+
+    query: [T_all, H, D]; kv_cache: [blocks, Hkv, B, 2D]; returns [N, T, H, D] float32, or,
+    given the step's output [T_all, H, D], writes the group's rows there in its dtype (what
+    the backend does: no float32 copy to convert and scatter afterwards) and returns it.
+    rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
+    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length.
+    """
+    check_inputs(plan.config, group, query, kv_cache, rotation, decode=False)
+    config = plan.config
+    shape = LONG_WINDOW_BLOCKS if config.n_local >= LONG_WINDOW else SHORT_WINDOW_BLOCKS
+    unknown = set(blocks) - set(shape)
+    if unknown:
+        raise TypeError(f"lminf triton_prefill: unknown block arguments {sorted(unknown)}")
+    shape = dict(shape, **blocks)
+    page_size = kv_cache.shape[2]
+    num_tiles, num_queries = group.query_rows.shape
+    needed = angles_needed(config, num_queries)
+    if rotation.cos_sin.shape[0] < needed:
+        raise ValueError(f"lminf triton_prefill: tiles of {num_queries} queries need a "
+                         f"rotation table of {needed} rows, got {rotation.cos_sin.shape[0]}; "
+                         f"build it with QueryRotation.with_angles({needed})")
+    num_pages = group.page_block.shape[1]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    if output is None:
+        out = torch.empty(num_tiles, num_queries, num_heads, head_dim, device=query.device,
+                          dtype=torch.float32)
+    else:
+        if output.shape != query.shape or output.device != query.device \
+                or not output.is_floating_point() or output.stride(2) != 1:
+            raise ValueError(f"lminf triton_prefill: output must be a floating [T, H, D] "
+                             f"tensor like query {tuple(query.shape)} on {query.device} with "
+                             f"contiguous features, got {tuple(output.shape)} {output.dtype} "
+                             f"on {output.device}")
+        out = output
+    if num_tiles == 0 or num_queries == 0:
+        return out
+    block_m = min(shape["block_m"], _pow2(num_queries, 16))
+    shapes = _shapes(head_dim, rotation)
+    keys, values = turn_pages(group, kv_cache, rotation)
+    table = rotation.cos_sin
+    global LAST_LAUNCH
+    LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
+                                         num_tiles)](
+        query, kv_cache, table,
+        group.query_rows, group.query_position, group.page_block, group.page_base,
+        keys, values, out,
+        query.stride(0), query.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        table.stride(0),
+        group.query_rows.stride(0), group.query_position.stride(0),
+        group.page_block.stride(0),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        0 if output is not None else out.stride(0), out.stride(-3), out.stride(-2),
+        num_queries, num_pages,
+        scale * LOG2E,
+        config.n_global, config.n_local, config.trained_length,
+        PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
+        EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
+        FAR_BLOCK_N=shape["far_block_n"], TO_STEP_ROWS=output is not None,
+        num_warps=shape["num_warps"], num_stages=shape["num_stages"],
+        **shapes,
+    )
+    return out
