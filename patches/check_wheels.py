@@ -38,8 +38,14 @@ from ._source import SourceTree
 
 DEFAULT_CACHE = Path(os.environ.get("LMINF_WHEEL_CACHE",
                                     Path.home() / ".cache" / "lminf-wheels"))
-PLUGIN_ROOT = Path(__file__).resolve().parent.parent
-PLUGIN_SOURCES = ("lminf_vllm/*.py", "lminf_vllm/attention/*.py", "patches/*.py")
+# The plugin's sources, wherever it is imported from: a checkout (lminf_vllm/ beside
+# patches/) or an installed package (patches/ inside lminf_vllm/, as lminf_vllm.patches).
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "lminf_vllm"
+if not PACKAGE_ROOT.is_dir():
+    PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_ROOT = PACKAGE_ROOT.parent
+PLUGIN_SOURCES = ((PACKAGE_ROOT, "*.py"), (PACKAGE_ROOT, "attention/*.py"),
+                  (Path(__file__).resolve().parent, "*.py"))
 UNPACKED_MARK = ".unpacked"
 
 
@@ -79,8 +85,12 @@ def wheel_tree(build: Build, cache: Path, offline: bool) -> SourceTree:
 
 
 def plugin_modules() -> dict[str, ast.Module]:
-    files = sorted(f for pattern in PLUGIN_SOURCES for f in PLUGIN_ROOT.glob(pattern))
-    return {str(f.relative_to(PLUGIN_ROOT)): ast.parse(f.read_text()) for f in files}
+    files = sorted({f for folder, pattern in PLUGIN_SOURCES for f in folder.glob(pattern)})
+    modules = {str(f.relative_to(PLUGIN_ROOT)): ast.parse(f.read_text()) for f in files}
+    if not any(name.endswith("backend.py") for name in modules):
+        raise RuntimeError(f"check-wheels: the plugin's modules were not found under "
+                           f"{PACKAGE_ROOT} (found {sorted(modules)})")
+    return modules
 
 
 def vllm_imports(module: ast.Module) -> dict[str, tuple[str, str | None]]:
