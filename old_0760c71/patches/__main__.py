@@ -1,3 +1,0 @@
-from . import markdown
-
-print(markdown())
