@@ -82,7 +82,7 @@ def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
     """Attention for every query of the step, written into output [T, H, D].
 
     The Triton path sends each group to a kernel (decode groups, one query per tile, to
-    triton_decode; the rest to triton_prefill, which writes its rows of output directly);
+    triton_decode; the rest to triton_prefill), which writes its rows of output directly;
     the cpu path to cpu_attention, with `prepared` from `prepare` (made here when not
     given); the reference path to reference.attend, the oracle-checked statement of the
     semantics that the other paths are tested against. All read the same plan, so the
@@ -99,12 +99,8 @@ def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
         return
     from lminf_vllm.attention import triton_decode, triton_prefill  # imports triton
     for group in plan.groups:
-        if group.query_rows.shape[1] == 1:
-            result = triton_decode.attend_group(plan, group, query, kv_cache, rotation, scale)
-            output[group.query_rows] = result.to(output.dtype)
-        else:
-            triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
-                                        output=output)
+        kernel = triton_decode if group.query_rows.shape[1] == 1 else triton_prefill
+        kernel.attend_group(plan, group, query, kv_cache, rotation, scale, output=output)
 
 
 def worst_case_prefill(config: LMInfConfig, max_num_reqs: int,
