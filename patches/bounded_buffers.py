@@ -176,6 +176,17 @@ def _install() -> None:
     StagedWriteTensor.__init__ = staged_write_init_bounded
 
 
+# The targets' sources are the same in the CPU and the CUDA wheel of 0.32.0.
+RELEASE_0_32_FINGERPRINTS = {
+    TARGET: "f08db9118357af89",
+    REMOVE: "74776981e14d7610",
+    CONDENSE: "49c263ad7095110e",
+    RUNNER_INIT: "f3466944c1e2cbfc",
+    STAGED_WRITE_INIT: "a4a2ee195f2fe2d4",
+    STAGED_WRITE_APPLY: "45d692434b6d5c83",
+    REQUEST_STATE_INIT: "a9760ee726326073",
+}
+
 PATCH = Patch(
     name=NAME,
     target=TARGET,
@@ -191,24 +202,8 @@ PATCH = Patch(
              "large if max_model_len is big' (TODO(woosuk))",
     remove_when="vLLM sizes the per-slot token buffers by the live stream",
     fingerprints={
-        CPU_0_32: {
-            TARGET: "f08db9118357af89",
-            REMOVE: "74776981e14d7610",
-            CONDENSE: "49c263ad7095110e",
-            RUNNER_INIT: "f3466944c1e2cbfc",
-            STAGED_WRITE_INIT: "a4a2ee195f2fe2d4",
-            STAGED_WRITE_APPLY: "45d692434b6d5c83",
-            REQUEST_STATE_INIT: "a9760ee726326073",
-        },
-        CUDA_0_32: {
-            TARGET: "f08db9118357af89",
-            REMOVE: "74776981e14d7610",
-            CONDENSE: "49c263ad7095110e",
-            RUNNER_INIT: "f3466944c1e2cbfc",
-            STAGED_WRITE_INIT: "a4a2ee195f2fe2d4",
-            STAGED_WRITE_APPLY: "45d692434b6d5c83",
-            REQUEST_STATE_INIT: "a9760ee726326073",
-        },
+        CPU_0_32: RELEASE_0_32_FINGERPRINTS,
+        CUDA_0_32: RELEASE_0_32_FINGERPRINTS,
         CUDA_0_33: {
             TARGET: "f08db9118357af89",
             REMOVE: "74776981e14d7610",
