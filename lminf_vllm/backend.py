@@ -80,7 +80,6 @@ class LMInfMetadata:
     plan: attention.AttentionPlan
     rotation: attention.QueryRotation
     num_actual_tokens: int
-    prepared: object  # what the device's path builds once per step (attention.prepare)
 
 
 def refuse_speculative_decoding(vllm_config: VllmConfig) -> None:
@@ -167,11 +166,8 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             block_table=meta.block_table_tensor[:num_reqs],
             num_tokens=meta.num_actual_tokens,
         )
-        spec = self.kv_cache_spec
         return LMInfMetadata(plan=plan, rotation=self.rotation,
-                             num_actual_tokens=meta.num_actual_tokens,
-                             prepared=attention.prepare(plan, self.rotation, spec.num_kv_heads,
-                                                        spec.head_size))
+                             num_actual_tokens=meta.num_actual_tokens)
 
     def build_for_cudagraph_capture(
             self, common_attn_metadata: CommonAttentionMetadata) -> LMInfMetadata:
@@ -234,7 +230,7 @@ class LMInfImpl(AttentionImpl):
         attention.write_kv(plan, key[:n], value[:n], kv_cache)
         attention.run(plan, query[:n].view(n, self.num_heads, self.head_size), kv_cache,
                       output[:n].view(n, self.num_heads, self.head_size),
-                      attn_metadata.rotation, self.scale, attn_metadata.prepared)
+                      attn_metadata.rotation, self.scale)
         return output
 
     def _exercise_worst_case(self, query: torch.Tensor, output: torch.Tensor) -> None:

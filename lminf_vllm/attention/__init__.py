@@ -11,7 +11,7 @@ from lminf_vllm.config import LMInfConfig, LMInfConfigError
 
 __all__ = ["AttentionPlan", "TileGroup", "QueryRotation", "StepPlanner", "build_plan",
            "check_impl", "decode_pages", "exercise_worst_case", "impl_for", "plan_tile_queries",
-           "prepare", "rotation_for", "run", "worst_case_prefill", "write_kv"]
+           "rotation_for", "run", "worst_case_prefill", "write_kv"]
 
 
 def impl_for(config: LMInfConfig, device: torch.device) -> str:
@@ -32,6 +32,8 @@ def check_impl(config: LMInfConfig, device: torch.device, triton_interpreted: bo
             "the Triton interpreter: set TRITON_INTERPRET=1 in the environment the engine "
             "starts from (before anything imports triton), or use attention_impl='auto' or "
             "'reference'")
+    if impl == "cpu":
+        cpu_attention.kernel()  # built (or refused, naming what is missing) at startup
     return impl
 
 
@@ -40,8 +42,8 @@ def plan_tile_queries(config: LMInfConfig, device: torch.device) -> int:
 
     Triton: a whole request chunk per tile, so the prefill kernel turns each window key
     once per step (triton_prefill.turn_pages_kernel) and every row block of the chunk reads
-    that copy. cpu_attention: its flash-attention tile, a share of the window. Reference:
-    its tile height, which bounds its [T, P, H, D] temporaries.
+    that copy. cpu_attention: a whole chunk too (its kernel blocks the queries itself).
+    Reference: its tile height, which bounds its [T, P, H, D] temporaries.
     """
     impl = impl_for(config, device)
     if impl == "triton":
@@ -55,21 +57,11 @@ def rotation_for(rotation: QueryRotation, config: LMInfConfig,
                  device: torch.device) -> QueryRotation:
     """The query rotation table on `device`, with every angle that device's path reads."""
     impl = impl_for(config, device)
-    if impl == "triton":
-        from lminf_vllm.attention.triton_prefill import angles_needed  # imports triton
-    elif impl == "cpu":
-        angles_needed = cpu_attention.angles_needed
-    else:
+    if impl != "triton":  # both CPU paths turn queries by query_angle: the model's L + 1 rows
         return rotation.to(device)
+    from lminf_vllm.attention.triton_prefill import angles_needed  # imports triton
     rotation = rotation.with_angles(angles_needed(config, plan_tile_queries(config, device)))
     return rotation.to(device)
-
-
-def prepare(plan: AttentionPlan, rotation: QueryRotation, num_kv_heads: int, head_dim: int):
-    """What the plan's path builds once per step for every layer (or None)."""
-    if impl_for(plan.config, plan.slot_block.device) != "cpu":
-        return None
-    return cpu_attention.prepare(plan, rotation, num_kv_heads, head_dim)
 
 
 def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:
@@ -78,13 +70,12 @@ def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:
 
 
 def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
-        scale: float, prepared=None) -> None:
+        scale: float) -> None:
     """Attention for every query of the step, written into output [T, H, D].
 
     The Triton path sends each group to a kernel (decode groups, one query per tile, to
     triton_decode; the rest to triton_prefill), which writes its rows of output directly;
-    the cpu path to cpu_attention, with `prepared` from `prepare` (made here when not
-    given); the reference path to reference.attend, the oracle-checked statement of the
+    the cpu path to cpu_attention's fused kernel; the reference path to reference.attend, the oracle-checked statement of the
     semantics that the other paths are tested against. All read the same plan, so the
     paths differ only in this call.
     """
@@ -93,9 +84,7 @@ def run(plan: AttentionPlan, query, kv_cache, output, rotation: QueryRotation,
         reference.attend(plan, query, kv_cache, output, rotation, scale)
         return
     if impl == "cpu":
-        if prepared is None:
-            prepared = prepare(plan, rotation, kv_cache.shape[1], kv_cache.shape[3] // 2)
-        cpu_attention.attend(prepared, query, kv_cache, output, scale)
+        cpu_attention.attend(plan, query, kv_cache, output, rotation, scale)
         return
     from lminf_vllm.attention import triton_decode, triton_prefill  # imports triton
     for group in plan.groups:

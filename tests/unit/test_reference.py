@@ -1,5 +1,5 @@
 """Λ-attention on the paged cache vs the dense float64 oracle (DESIGN §2): the PyTorch
-reference and the CPU serving path (cpu_attention, what `run` calls on the CPU).
+reference and the CPU serving path (cpu_attention's kernel, what `run` calls on the CPU).
 
 Each case streams requests through the cache the way the engine does (history written in
 chunks, possibly through a ring of pages), then runs one final mixed step (decodes and
@@ -15,6 +15,7 @@ import torch
 import oracle
 from lminf_vllm.attention import (QueryRotation, build_plan, cpu_attention, reference, run,
                                   write_kv)
+from lminf_vllm.attention.plan import DEFAULT_TILE_QUERIES
 from lminf_vllm.config import LMInfConfig
 
 # float32 paged path vs float64: sums of a few hundred O(1) products in float32.
@@ -60,25 +61,21 @@ def rotation_table(case: Case, inv_freq: torch.Tensor) -> QueryRotation:
                                           case.trained_length + 1, case.style == "neox")
 
 
-def cpu_one_tile_per_batch(plan, query, cache, output, rotation, scale):
-    """The CPU path with a workspace of one tile: every tile in its own batch."""
-    prepared = cpu_attention.prepare(plan, rotation, cache.shape[1], cache.shape[3] // 2,
-                                     workspace_elements=1)
-    assert len(prepared.batches) == sum(g.query_rows.shape[0] for g in plan.groups)
-    cpu_attention.attend(prepared, query, cache, output, scale)
-
-
 # Every path that computes attention on the CPU, as run(plan, q, cache, out, rotation, scale).
-PATHS = {"reference": reference.attend, "cpu": run,
-         "cpu-one-tile-per-batch": cpu_one_tile_per_batch}
+PATHS = {"reference": reference.attend, "cpu": run, "cpu-chunk-tiles": run}
+# Queries per plan tile where a path is not tested with the planner's default: the CPU
+# kernel serves a whole chunk per tile in the engine (cpu_attention.tile_queries).
+TILE_QUERIES = {"cpu-chunk-tiles": cpu_attention.tile_queries}
 
 
-def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0):
+def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0,
+         tile_queries=DEFAULT_TILE_QUERIES):
     """One engine step. batch: [(request row, context after step, q, k, v for its queries)]."""
     rows = [b[0] for b in batch]
     query_lens = [len(b[2]) for b in batch]
     plan = build_plan(config, np.concatenate([[0], np.cumsum(query_lens)]),
-                      np.array([b[1] for b in batch]), block_table[rows], ring_pages)
+                      np.array([b[1] for b in batch]), block_table[rows], ring_pages,
+                      tile_queries=tile_queries)
     cat = lambda i: torch.cat([b[i] for b in batch]).float()
     write_kv(plan, cat(3), cat(4), cache)
     if attend:
@@ -129,8 +126,9 @@ def test_paths_match_the_float64_oracle(name, path):
         pos = torch.arange(context)[sl]
         batch.append((row, context, frame(q[sl], pos), frame(k[sl], pos), v[sl]))
     scale = case.head_dim ** -0.5
+    tiles = TILE_QUERIES.get(path, lambda config: DEFAULT_TILE_QUERIES)(config)
     outputs = step(config, cache, block_table, ring_pages, batch, attend=PATHS[path],
-                   rotation=rotation_table(case, inv_freq), scale=scale)
+                   rotation=rotation_table(case, inv_freq), scale=scale, tile_queries=tiles)
 
     for row, ((context, final), (q, k, v), out) in enumerate(zip(case.requests, streams, outputs)):
         positions = torch.arange(context - final, context)

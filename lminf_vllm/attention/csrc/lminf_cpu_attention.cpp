@@ -1,0 +1,270 @@
+// Λ-attention on the CPU straight from the paged cache: one fused pass per block of queries
+// over the pages its tile may see, with the query turned per page (DESIGN §3).
+//
+// The PyTorch statement of the same numbers is attention/reference.py; this kernel is
+// tested against it and against the float64 oracle (tests/unit/test_reference.py).
+//
+// Work item: (tile, KV head, block of kQueryBlock queries). Its rows are the block's queries
+// times the query heads sharing the KV head (GQA), so every page's keys and values are read
+// once per item. Per page, with the page's keys K [B, D] and values V [B, D] read in place:
+//   1. qT [D, M]  = the rows turned by query_angle(t, b_p) = min(t - b_p, L) - (t mod B),
+//                   times the softmax scale (one turn per row and page: 1/B of the work);
+//   2. sT [k, M]  = K[kmin..kmax] · qT                          (GEMM)
+//   3. s  [M, k]  = sT transposed, masked to the Λ window, online softmax (flash attention)
+//   4. acc [M, D] = acc * alpha + P · V[kmin..kmax]              (GEMM)
+// kmin..kmax is the union over the block's queries of the slots they see in the page: every
+// slot in it holds a written token (a visible key lies at or before the newest query, and
+// slots between two visible ones of one page are tokens of the same page), so slots that
+// may hold anything (unwritten or stale) never enter a GEMM, where a zero weight times a NaN
+// would still poison the sum.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Queries per work item: with GQA groups of up to 8 heads, M <= 512 rows, so the per-item
+// scratch (sT, s, acc) stays within L2.
+constexpr int64_t kQueryBlock = 64;
+
+// exp(x) for x <= 0, written so the compiler vectorises the loops that call it (Cephes'
+// single-precision polynomial, ~1 ulp); exp(-inf) = 0 exactly.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  float r = clamped - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+struct Settings {
+  int64_t n_global, n_local, trained_length, page_size, rotary_dim;
+  bool is_neox_style;
+  float scale;
+};
+
+// The slots of one page a query sees, as offsets: k <= hi and (k >= lo or k <= global_hi).
+struct PageWindow {
+  int64_t lo, hi;
+  bool any(int64_t global_hi) const { return hi >= 0 && (lo <= hi || global_hi >= 0); }
+  int64_t first(int64_t global_hi) const { return global_hi >= 0 ? 0 : lo; }
+};
+
+inline PageWindow window_of(int64_t position, int64_t page_base, const Settings& s) {
+  const int64_t offset = position - page_base;  // t - b_p
+  return {std::max<int64_t>(0, offset - s.n_local + 1), std::min(s.page_size - 1, offset)};
+}
+
+// qT[d * ldq + m] = scale * (row turned by `angle`), for the `group` rows of one query.
+template <typename scalar_t>
+void turn_rows(const scalar_t* rows, int64_t row_stride, int64_t group, int64_t head_dim,
+               int64_t angle, const float* cos_sin, const Settings& s, float* qT,
+               int64_t first_column, int64_t ldq) {
+  const int64_t half = s.rotary_dim / 2;
+  const float* cos = cos_sin + std::abs(angle) * s.rotary_dim;
+  const float* sin = cos + half;
+  const float sign = angle < 0 ? -1.0f : 1.0f;
+  for (int64_t g = 0; g < group; ++g) {
+    const scalar_t* x = rows + g * row_stride;
+    float* out = qT + first_column + g;
+    for (int64_t j = 0; j < half; ++j) {
+      const int64_t a = s.is_neox_style ? j : 2 * j;
+      const int64_t b = s.is_neox_style ? j + half : 2 * j + 1;
+      const float x1 = static_cast<float>(x[a]), x2 = static_cast<float>(x[b]);
+      const float c = cos[j], sn = sign * sin[j];
+      out[a * ldq] = s.scale * (x1 * c - x2 * sn);
+      out[b * ldq] = s.scale * (x2 * c + x1 * sn);
+    }
+    for (int64_t d = s.rotary_dim; d < head_dim; ++d) {
+      out[d * ldq] = s.scale * static_cast<float>(x[d]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor& output,
+                 const int64_t* query_rows, const int64_t* query_position,
+                 const int64_t* page_block, const int64_t* page_base, int64_t num_pages,
+                 int64_t num_queries, int64_t kv_head, const float* cos_sin,
+                 const Settings& s) {
+  const int64_t num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t num_kv_heads = kv_cache.size(1), width = kv_cache.size(3);
+  const int64_t group = num_heads / num_kv_heads, rows = num_queries * group;
+  const int64_t page_size = s.page_size;
+  const scalar_t* q_data = query.data_ptr<scalar_t>();
+  const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+  scalar_t* out_data = output.data_ptr<scalar_t>();
+  const int64_t q_row_stride = query.stride(0), q_head_stride = query.stride(1);
+  const int64_t block_stride = kv_cache.stride(0), head_stride = kv_cache.stride(1);
+
+  std::vector<float> qT(head_dim * rows), sT(page_size * rows), logits(rows * page_size);
+  std::vector<float> acc(rows * head_dim, 0.0f), row_max(rows, kNegInf), row_sum(rows, 0.0f);
+  std::vector<float> page_copy;  // keys and values as float when the cache is not float
+  std::vector<PageWindow> windows(num_queries);
+
+  for (int64_t p = 0; p < num_pages; ++p) {
+    const int64_t base = page_base[p];
+    if (base < 0) continue;  // padding
+    const int64_t global_hi = std::min(page_size, s.n_global - base) - 1;
+    int64_t kmin = page_size, kmax = -1;
+    for (int64_t i = 0; i < num_queries; ++i) {
+      windows[i] = window_of(query_position[i], base, s);
+      if (!windows[i].any(global_hi)) continue;
+      kmin = std::min(kmin, windows[i].first(global_hi));
+      kmax = std::max(kmax, windows[i].hi);
+    }
+    if (kmax < kmin) continue;  // no query of the block sees this page
+    const int64_t keys = kmax - kmin + 1;
+
+    const scalar_t* page = cache + page_block[p] * block_stride + kv_head * head_stride;
+    const float* kv;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      kv = page + kmin * width;
+    } else {
+      page_copy.resize(keys * width);
+      for (int64_t k = 0; k < keys * width; ++k) {
+        page_copy[k] = static_cast<float>(page[kmin * width + k]);
+      }
+      kv = page_copy.data();
+    }
+
+    for (int64_t i = 0; i < num_queries; ++i) {
+      const int64_t t = query_position[i];
+      const int64_t angle = std::min(t - base, s.trained_length) - t % page_size;
+      turn_rows(q_data + query_rows[i] * q_row_stride + kv_head * group * q_head_stride,
+                q_head_stride, group, head_dim, angle, cos_sin, s, qT.data(), i * group,
+                rows);
+    }
+    // sT [keys, rows] = K [keys, D] · qT [D, rows]
+    at::native::cpublas::brgemm(keys, rows, head_dim, width, rows, rows, false, kv,
+                                qT.data(), sT.data(), false);
+
+    for (int64_t i = 0; i < num_queries; ++i) {
+      const PageWindow w = windows[i];
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t m = i * group + g;
+        float* row = logits.data() + m * keys;
+        float block_max = kNegInf;
+        for (int64_t k = 0; k < keys; ++k) {
+          const int64_t slot = kmin + k;
+          const bool visible = slot <= w.hi && (slot >= w.lo || slot <= global_hi);
+          row[k] = visible ? sT[k * rows + m] : kNegInf;
+          block_max = std::max(block_max, row[k]);
+        }
+        if (block_max == kNegInf) {  // nothing seen here: weights 0, running state unchanged
+          std::fill(row, row + keys, 0.0f);
+          continue;
+        }
+        const float new_max = std::max(row_max[m], block_max);
+        const float alpha = exp_nonpositive(row_max[m] - new_max);
+        row_max[m] = new_max;
+        float sum = 0.0f;
+        for (int64_t k = 0; k < keys; ++k) {
+          row[k] = exp_nonpositive(row[k] - new_max);
+          sum += row[k];
+        }
+        row_sum[m] = row_sum[m] * alpha + sum;
+        float* a = acc.data() + m * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
+      }
+    }
+    // acc [rows, D] += P [rows, keys] · V [keys, D]
+    at::native::cpublas::brgemm(rows, head_dim, keys, keys, width, head_dim, true,
+                                logits.data(), kv + head_dim, acc.data(), false);
+  }
+
+  for (int64_t i = 0; i < num_queries; ++i) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t m = i * group + g;
+      const float inverse = row_sum[m] > 0.0f ? 1.0f / row_sum[m] : 0.0f;
+      scalar_t* out = out_data + query_rows[i] * output.stride(0) +
+                      (kv_head * group + g) * output.stride(1);
+      for (int64_t d = 0; d < head_dim; ++d) {
+        out[d] = static_cast<scalar_t>(acc[m * head_dim + d] * inverse);
+      }
+    }
+  }
+}
+
+// Λ-attention for one tile group of the plan, written into output's rows.
+//   query, output:   [T_all, H, D]          kv_cache: [num_blocks, Hkv, B, 2D]
+//   query_rows, query_position: [N, T]      page_block, page_base: [N, P] (int64)
+//   cos_sin: [A, rotary_dim] float32, the query rotation table (angle |a| per row)
+void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor output,
+                  const at::Tensor& query_rows, const at::Tensor& query_position,
+                  const at::Tensor& page_block, const at::Tensor& page_base,
+                  const at::Tensor& cos_sin, int64_t rotary_dim, bool is_neox_style,
+                  int64_t n_global, int64_t n_local, int64_t trained_length, double scale) {
+  TORCH_CHECK(query.device().is_cpu() && kv_cache.device().is_cpu(), "lminf: CPU tensors only");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
+                  output.scalar_type() == query.scalar_type(),
+              "lminf: query, kv_cache and output must share one dtype");
+  TORCH_CHECK(query.stride(2) == 1 && output.stride(2) == 1 && kv_cache.is_contiguous(),
+              "lminf: head dims must be contiguous");
+  TORCH_CHECK(kv_cache.size(3) == 2 * query.size(2), "lminf: kv_cache is [blocks, Hkv, B, 2D]");
+  TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "lminf: heads must group over KV heads");
+  for (const at::Tensor* index : {&query_rows, &query_position, &page_block, &page_base}) {
+    TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous(),
+                "lminf: plan indices must be contiguous int64");
+  }
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
+                  cos_sin.size(0) > trained_length,
+              "lminf: cos_sin must be contiguous float32 with angles 0..L");
+  const Settings settings{n_global,     n_local,       trained_length,
+                          kv_cache.size(2), rotary_dim, is_neox_style,
+                          static_cast<float>(scale)};
+  const int64_t num_tiles = query_rows.size(0), tile_length = query_rows.size(1);
+  const int64_t num_pages = page_block.size(1), num_kv_heads = kv_cache.size(1);
+  const int64_t blocks = (tile_length + kQueryBlock - 1) / kQueryBlock;
+  const int64_t items = num_tiles * num_kv_heads * blocks;
+  const float* table = cos_sin.data_ptr<float>();
+  const int64_t* rows = query_rows.data_ptr<int64_t>();
+  const int64_t* positions = query_position.data_ptr<int64_t>();
+  const int64_t* blocks_of = page_block.data_ptr<int64_t>();
+  const int64_t* bases = page_base.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "lminf", [&] {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks, kv_head = (item / blocks) % num_kv_heads;
+        const int64_t tile = item / blocks / num_kv_heads;
+        const int64_t first = tile * tile_length + block * kQueryBlock;
+        const int64_t count = std::min(kQueryBlock, tile_length - block * kQueryBlock);
+        attend_item<scalar_t>(query, kv_cache, output, rows + first, positions + first,
+                              blocks_of + tile * num_pages, bases + tile * num_pages,
+                              num_pages, count, kv_head, table, settings);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lminf_cpu, m) {
+  m.def(
+      "attend_group(Tensor query, Tensor kv_cache, Tensor(a!) output, Tensor query_rows, "
+      "Tensor query_position, Tensor page_block, Tensor page_base, Tensor cos_sin, "
+      "int rotary_dim, bool is_neox_style, int n_global, int n_local, int trained_length, "
+      "float scale) -> ()");
+  m.impl("attend_group", c10::DispatchKey::CPU, &attend_group);
+}
