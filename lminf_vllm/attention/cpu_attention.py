@@ -30,9 +30,11 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lminf_cpu_attention.cpp"
 # Compiler flags per torch.backends.cpu.get_cpu_capability(): the kernel is built on, and
 # for, the machine that runs it.
+# CPU_CAPABILITY_* selects the matching at::vec implementation (as torch's own kernels do).
 ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
 
 
@@ -42,23 +44,29 @@ def tile_queries(config) -> int:
     return config.max_prefill_chunk_tokens
 
 
+def build(source: Path, name: str) -> None:
+    """Compile and load a C++ source registering torch ops, for this machine's vector ISA
+    (LMInfConfigError, with the compiler's message, when it cannot be built)."""
+    from torch.utils import cpp_extension
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp-simd", *ISA_FLAGS.get(isa, [])]
+    logger.info("lminf: building %s for %s (once per machine)", source.name, isa)
+    try:
+        cpp_extension.load(name=f"{name}_{isa.lower()}", sources=[str(source)],
+                           extra_cflags=flags, is_python_module=False, verbose=False)
+    except Exception as error:  # the compiler's own message says what is missing
+        raise LMInfConfigError(
+            f"lminf: could not build the CPU attention kernel ({source.name}): {error}. It "
+            "needs a C++ compiler (g++) and ninja; or set additional_config "
+            "lminf.attention_impl='reference' (exact, much slower)") from error
+
+
 @functools.cache
 def kernel():
-    """torch.ops.lminf_cpu, compiled on first use (LMInfConfigError when it cannot be)."""
+    """torch.ops.lminf_cpu, compiled on first use."""
     if not hasattr(torch.ops.lminf_cpu, "attend_group"):
-        from torch.utils import cpp_extension
-
-        isa = torch.backends.cpu.get_cpu_capability()
-        flags = ["-O3", "-std=c++17", *ISA_FLAGS.get(isa, [])]
-        logger.info("lminf: building the CPU attention kernel for %s (once per machine)", isa)
-        try:
-            cpp_extension.load(name=f"lminf_cpu_attention_{isa.lower()}", sources=[str(SOURCE)],
-                               extra_cflags=flags, is_python_module=False, verbose=False)
-        except Exception as error:  # the compiler's own message says what is missing
-            raise LMInfConfigError(
-                f"lminf: could not build the CPU attention kernel ({SOURCE.name}): {error}. "
-                "It needs a C++17 compiler (g++) and ninja; or set additional_config "
-                "lminf.attention_impl='reference' (exact, much slower)") from error
+        build(SOURCE, "lminf_cpu_attention")
     return torch.ops.lminf_cpu
 
 

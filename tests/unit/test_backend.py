@@ -158,7 +158,15 @@ def test_the_cpu_runs_its_path_unless_told_otherwise(impl, path, tile, rope_tabl
     assert attention.impl_for(builder.config, torch.device("cpu")) == path
     assert builder.planner.tile_queries == tile(builder.config)
     meta = builder.build(0, common_metadata([1, 7], [40, 7], ring_table(builder.config, 2)))
-    assert (meta.prepared is not None) == (path == "cpu")
+    assert sorted(g.query_rows.shape[1] for g in meta.plan.groups) == [1, 7]
+
+
+def test_a_cpu_kernel_that_cannot_be_built_fails_naming_the_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    with pytest.raises(LMInfConfigError, match="(?s)broken.cpp.*attention_impl='reference'"):
+        cpu_attention.build(broken, "lminf_broken")
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch, rope_table):

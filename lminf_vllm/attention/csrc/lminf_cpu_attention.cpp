@@ -7,10 +7,11 @@
 // Work item: (tile, KV head, block of kQueryBlock queries). Its rows are the block's queries
 // times the query heads sharing the KV head (GQA), so every page's keys and values are read
 // once per item. Per page, with the page's keys K [B, D] and values V [B, D] read in place:
-//   1. qT [D, M]  = the rows turned by query_angle(t, b_p) = min(t - b_p, L) - (t mod B),
+//   1. q' [M, D]  = the rows turned by query_angle(t, b_p) = min(t - b_p, L) - (t mod B),
 //                   times the softmax scale (one turn per row and page: 1/B of the work);
-//   2. sT [k, M]  = K[kmin..kmax] · qT                          (GEMM)
-//   3. s  [M, k]  = sT transposed, masked to the Λ window, online softmax (flash attention)
+//   2. s  [M, k]  = q' · K[kmin..kmax]^T                         (GEMM)
+//   3. P  [M, k]  = s masked to the Λ window, online softmax (flash attention; exp_u20,
+//                   torch's own CPU flash-attention exponential)
 //   4. acc [M, D] = acc * alpha + P · V[kmin..kmax]              (GEMM)
 // kmin..kmax is the union over the block's queries of the slots they see in the page: every
 // slot in it holds a written token (a visible key lies at or before the newest query, and
@@ -19,42 +20,43 @@
 // would still poison the sum.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Queries per work item: with GQA groups of up to 8 heads, M <= 512 rows, so the per-item
-// scratch (sT, s, acc) stays within L2.
-constexpr int64_t kQueryBlock = 64;
+using Vec = at::vec::Vectorized<float>;
 
-// exp(x) for x <= 0, written so the compiler vectorises the loops that call it (Cephes'
-// single-precision polynomial, ~1 ulp); exp(-inf) = 0 exactly.
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  float r = clamped - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Queries per work item: rows = 128 x the GQA group; the per-item scratch (turned rows,
+// logits, accumulator: rows x (2D + B) floats) stays within L2 for groups up to 4.
+constexpr int64_t kQueryBlock = 128;
+
+// row[k] = exp(row[k] - max) in place (0 for -inf: exp_u20 flushes below float's range,
+// torch's own CPU flash-attention exponential); returns the sum of the new values.
+inline float exponentiate(float* row, int64_t n, float max) {
+  const Vec shift(max);
+  Vec total(0.0f);
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) {
+    const Vec weight = (Vec::loadu(row + k) - shift).exp_u20();
+    weight.store(row + k);
+    total = total + weight;
+  }
+  if (k < n) {
+    const Vec weight = (Vec::loadu(row + k, n - k) - shift).exp_u20();
+    weight.store(row + k, n - k);
+    total = total + Vec::set(Vec(0.0f), weight, n - k);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, total);
 }
 
 struct Settings {
@@ -75,28 +77,41 @@ inline PageWindow window_of(int64_t position, int64_t page_base, const Settings&
   return {std::max<int64_t>(0, offset - s.n_local + 1), std::min(s.page_size - 1, offset)};
 }
 
-// qT[d * ldq + m] = scale * (row turned by `angle`), for the `group` rows of one query.
+// rows_out[g * D + d] = scale * (row g turned by `angle`), for the `group` rows of one query.
 template <typename scalar_t>
 void turn_rows(const scalar_t* rows, int64_t row_stride, int64_t group, int64_t head_dim,
-               int64_t angle, const float* cos_sin, const Settings& s, float* qT,
-               int64_t first_column, int64_t ldq) {
+               int64_t angle, const float* cos_sin, const Settings& s, float* rows_out) {
   const int64_t half = s.rotary_dim / 2;
   const float* cos = cos_sin + std::abs(angle) * s.rotary_dim;
   const float* sin = cos + half;
   const float sign = angle < 0 ? -1.0f : 1.0f;
+  float cos_row[256], sin_row[256];  // half <= 256: head_dim <= 512 (checked by the caller)
+  for (int64_t j = 0; j < half; ++j) {
+    cos_row[j] = s.scale * cos[j];
+    sin_row[j] = s.scale * sign * sin[j];
+  }
   for (int64_t g = 0; g < group; ++g) {
     const scalar_t* x = rows + g * row_stride;
-    float* out = qT + first_column + g;
-    for (int64_t j = 0; j < half; ++j) {
-      const int64_t a = s.is_neox_style ? j : 2 * j;
-      const int64_t b = s.is_neox_style ? j + half : 2 * j + 1;
-      const float x1 = static_cast<float>(x[a]), x2 = static_cast<float>(x[b]);
-      const float c = cos[j], sn = sign * sin[j];
-      out[a * ldq] = s.scale * (x1 * c - x2 * sn);
-      out[b * ldq] = s.scale * (x2 * c + x1 * sn);
+    float* out = rows_out + g * head_dim;
+    // Rotation pairs (x1[j], x2[j]): the two halves of the rotated dims (neox), or the even
+    // and odd dims (GPT-J); each layout in its own loop, so both vectorise.
+    if (s.is_neox_style) {
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[j + half]);
+        out[j] = x1 * cos_row[j] - x2 * sin_row[j];
+        out[j + half] = x2 * cos_row[j] + x1 * sin_row[j];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        const float x1 = static_cast<float>(x[2 * j]), x2 = static_cast<float>(x[2 * j + 1]);
+        out[2 * j] = x1 * cos_row[j] - x2 * sin_row[j];
+        out[2 * j + 1] = x2 * cos_row[j] + x1 * sin_row[j];
+      }
     }
     for (int64_t d = s.rotary_dim; d < head_dim; ++d) {
-      out[d * ldq] = s.scale * static_cast<float>(x[d]);
+      out[d] = s.scale * static_cast<float>(x[d]);
     }
   }
 }
@@ -117,7 +132,8 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
   const int64_t q_row_stride = query.stride(0), q_head_stride = query.stride(1);
   const int64_t block_stride = kv_cache.stride(0), head_stride = kv_cache.stride(1);
 
-  std::vector<float> qT(head_dim * rows), sT(page_size * rows), logits(rows * page_size);
+  std::vector<float> turned(rows * head_dim), keys_t(head_dim * page_size);
+  std::vector<float> logits(rows * page_size);
   std::vector<float> acc(rows * head_dim, 0.0f), row_max(rows, kNegInf), row_sum(rows, 0.0f);
   std::vector<float> page_copy;  // keys and values as float when the cache is not float
   std::vector<PageWindow> windows(num_queries);
@@ -152,12 +168,20 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
       const int64_t t = query_position[i];
       const int64_t angle = std::min(t - base, s.trained_length) - t % page_size;
       turn_rows(q_data + query_rows[i] * q_row_stride + kv_head * group * q_head_stride,
-                q_head_stride, group, head_dim, angle, cos_sin, s, qT.data(), i * group,
-                rows);
+                q_head_stride, group, head_dim, angle, cos_sin, s,
+                turned.data() + i * group * head_dim);
     }
-    // sT [keys, rows] = K [keys, D] · qT [D, rows]
-    at::native::cpublas::brgemm(keys, rows, head_dim, width, rows, rows, false, kv,
-                                qT.data(), sT.data(), false);
+    // logits [rows, keys] = turned [rows, D] · K^T [D, keys]; the GEMM takes K^T row-major,
+    // a copy of keys * D floats (1 / rows of the GEMM's work).
+    for (int64_t k = 0; k < keys; k += 16) {
+      for (int64_t d = 0; d < head_dim; d += 16) {
+        at::vec::transpose_mxn<float>(kv + k * width + d, width, keys_t.data() + d * keys + k,
+                                      keys, std::min<int64_t>(16, keys - k),
+                                      std::min<int64_t>(16, head_dim - d));
+      }
+    }
+    at::native::cpublas::brgemm(rows, keys, head_dim, head_dim, keys, keys, false,
+                                turned.data(), keys_t.data(), logits.data(), false);
 
     for (int64_t i = 0; i < num_queries; ++i) {
       const PageWindow w = windows[i];
@@ -165,25 +189,27 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
         const int64_t m = i * group + g;
         float* row = logits.data() + m * keys;
         float block_max = kNegInf;
+        if (w.lo <= kmin && w.hi >= kmax) {  // sees the whole range (most pages of a window)
+          block_max = at::vec::reduce_all<float>(
+              [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, keys);
+        } else {
+#pragma omp simd reduction(max : block_max)
         for (int64_t k = 0; k < keys; ++k) {
           const int64_t slot = kmin + k;
           const bool visible = slot <= w.hi && (slot >= w.lo || slot <= global_hi);
-          row[k] = visible ? sT[k * rows + m] : kNegInf;
-          block_max = std::max(block_max, row[k]);
+          const float logit = visible ? row[k] : kNegInf;
+          row[k] = logit;
+          block_max = logit > block_max ? logit : block_max;
+        }
         }
         if (block_max == kNegInf) {  // nothing seen here: weights 0, running state unchanged
           std::fill(row, row + keys, 0.0f);
           continue;
         }
         const float new_max = std::max(row_max[m], block_max);
-        const float alpha = exp_nonpositive(row_max[m] - new_max);
+        const float alpha = std::exp(row_max[m] - new_max);
         row_max[m] = new_max;
-        float sum = 0.0f;
-        for (int64_t k = 0; k < keys; ++k) {
-          row[k] = exp_nonpositive(row[k] - new_max);
-          sum += row[k];
-        }
-        row_sum[m] = row_sum[m] * alpha + sum;
+        row_sum[m] = row_sum[m] * alpha + exponentiate(row, keys, new_max);
         float* a = acc.data() + m * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
       }
@@ -223,6 +249,8 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
               "lminf: head dims must be contiguous");
   TORCH_CHECK(kv_cache.size(3) == 2 * query.size(2), "lminf: kv_cache is [blocks, Hkv, B, 2D]");
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "lminf: heads must group over KV heads");
+  TORCH_CHECK(query.size(2) <= 512 && rotary_dim <= query.size(2) && rotary_dim % 2 == 0,
+              "lminf: head_dim <= 512 and an even rotary_dim <= head_dim");
   for (const at::Tensor* index : {&query_rows, &query_position, &page_block, &page_base}) {
     TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous(),
                 "lminf: plan indices must be contiguous int64");
