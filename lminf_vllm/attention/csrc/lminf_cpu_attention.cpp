@@ -116,6 +116,82 @@ void turn_rows(const scalar_t* rows, int64_t row_stride, int64_t group, int64_t 
   }
 }
 
+// dst [cols, rows] = src [rows, cols] (leading dims ld_src, ld_dst), in 16 x 16 blocks.
+inline void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst,
+                      int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; r += 16) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      at::vec::transpose_mxn<float>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst,
+                                    std::min<int64_t>(16, rows - r),
+                                    std::min<int64_t>(16, cols - c));
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec total(0.0f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    total = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), total);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, total);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += alpha * x
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    at::vec::fmadd(Vec(alpha), Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  }
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Below this many rows (a decode tile: rows = the GQA group) a GEMM call and the
+// transposition it needs cost more than plain vector loops over the page.
+constexpr int64_t kGemmRows = 16;
+
+// logits [rows, keys] = turned [rows, D] · K^T, K [keys, D] with leading dim ld_keys. The
+// GEMM takes row-major operands only, so K is transposed first (keys * D floats, 1 / rows
+// of the GEMM's work).
+inline void page_logits(const float* turned, int64_t rows, const float* keys, int64_t ld_keys,
+                        int64_t num_keys, int64_t head_dim, float* keys_t, float* logits) {
+  if (rows < kGemmRows) {
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t k = 0; k < num_keys; ++k) {
+        logits[m * num_keys + k] = dot(turned + m * head_dim, keys + k * ld_keys, head_dim);
+      }
+    }
+    return;
+  }
+  for (int64_t k = 0; k < num_keys; k += 16) {
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      at::vec::transpose_mxn<float>(keys + k * ld_keys + d, ld_keys, keys_t + d * num_keys + k,
+                                    num_keys, std::min<int64_t>(16, num_keys - k),
+                                    std::min<int64_t>(16, head_dim - d));
+    }
+  }
+  at::native::cpublas::brgemm(rows, num_keys, head_dim, head_dim, num_keys, num_keys, false,
+                              turned, keys_t, logits, false);
+}
+
+// acc [rows, D] += weights [rows, keys] · V [keys, D] (leading dim ld_values).
+inline void accumulate_values(const float* weights, int64_t rows, const float* values,
+                              int64_t ld_values, int64_t num_keys, int64_t head_dim,
+                              float* acc) {
+  if (rows < kGemmRows) {
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t k = 0; k < num_keys; ++k) {
+        axpy(acc + m * head_dim, weights[m * num_keys + k], values + k * ld_values, head_dim);
+      }
+    }
+    return;
+  }
+  at::native::cpublas::brgemm(rows, head_dim, num_keys, num_keys, ld_values, head_dim, true,
+                              weights, values, acc, false);
+}
+
 template <typename scalar_t>
 void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor& output,
                  const int64_t* query_rows, const int64_t* query_position,
@@ -171,17 +247,7 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
                 q_head_stride, group, head_dim, angle, cos_sin, s,
                 turned.data() + i * group * head_dim);
     }
-    // logits [rows, keys] = turned [rows, D] · K^T [D, keys]; the GEMM takes K^T row-major,
-    // a copy of keys * D floats (1 / rows of the GEMM's work).
-    for (int64_t k = 0; k < keys; k += 16) {
-      for (int64_t d = 0; d < head_dim; d += 16) {
-        at::vec::transpose_mxn<float>(kv + k * width + d, width, keys_t.data() + d * keys + k,
-                                      keys, std::min<int64_t>(16, keys - k),
-                                      std::min<int64_t>(16, head_dim - d));
-      }
-    }
-    at::native::cpublas::brgemm(rows, keys, head_dim, head_dim, keys, keys, false,
-                                turned.data(), keys_t.data(), logits.data(), false);
+    page_logits(turned.data(), rows, kv, width, keys, head_dim, keys_t.data(), logits.data());
 
     for (int64_t i = 0; i < num_queries; ++i) {
       const PageWindow w = windows[i];
@@ -214,9 +280,7 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
         for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
       }
     }
-    // acc [rows, D] += P [rows, keys] · V [keys, D]
-    at::native::cpublas::brgemm(rows, head_dim, keys, keys, width, head_dim, true,
-                                logits.data(), kv + head_dim, acc.data(), false);
+    accumulate_values(logits.data(), rows, kv + head_dim, width, keys, head_dim, acc.data());
   }
 
   for (int64_t i = 0; i < num_queries; ++i) {
