@@ -50,6 +50,9 @@ CASES = {
                                                       33, True, [(1000, 33), (17, 17)]),
     "prefill-tiles-longer-than-128": Case(16, 64, 200, 256, 2, 1, 16, 16, "neox", 300, False,
                                           [(500, 300)]),
+    # 16 query heads per KV head: decode tiles big enough for the CPU kernel's GEMMs
+    "wide-gqa-group-ring": Case(16, 16, 64, 128, 16, 1, 32, 32, "neox", 40, True,
+                                [(300, 1), (100, 1), (120, 20)]),
     # tiles of 64 queries exceed L - B + 2 = 26: the per-page query rotation serves them
     "tiles-longer-than-l": Case(8, 8, 24, 32, 4, 2, 16, 16, "gptj", 64, True, [(200, 64)]),
 }
