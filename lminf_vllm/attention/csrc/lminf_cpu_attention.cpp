@@ -13,6 +13,8 @@
 //   3. P  [M, k]  = s masked to the Λ window, online softmax (flash attention; exp_u20,
 //                   torch's own CPU flash-attention exponential)
 //   4. acc [M, D] = acc * alpha + P · V[kmin..kmax]              (GEMM)
+// The GEMMs are torch's (at::native::cpublas::brgemm: oneDNN on x86); blocks of fewer than
+// kGemmRows rows (decode tiles) use vector loops instead.
 // kmin..kmax is the union over the block's queries of the slots they see in the page: every
 // slot in it holds a written token (a visible key lies at or before the newest query, and
 // slots between two visible ones of one page are tokens of the same page), so slots that
@@ -128,24 +130,73 @@ inline void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_d
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec total(0.0f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    total = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), total);
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, total);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+// Vector loops for blocks of few rows (decode tiles), where a GEMM call costs more than the
+// work. Head dims are read in vectors of Vec::size(); a partial last vector loads zeros.
+inline Vec load(const float* x, int64_t n) {
+  return n >= Vec::size() ? Vec::loadu(x) : Vec::loadu(x, n);
 }
 
-// y += alpha * x
-inline void axpy(float* y, float alpha, const float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::fmadd(Vec(alpha), Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+// logits [rows, keys] = rows_in [rows, D] · K^T, Vec::size() keys at a time, each with
+// its own accumulator (independent FMA chains); their partial sums are transposed so one
+// vector sum gives all their dot products.
+inline void small_logits(const float* rows_in, int64_t rows, const float* keys,
+                         int64_t ld_keys, int64_t num_keys, int64_t head_dim, float* logits) {
+  constexpr int64_t lanes = Vec::size();
+  alignas(64) float partial[lanes * lanes], transposed[lanes * lanes];
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* q = rows_in + m * head_dim;
+    for (int64_t k0 = 0; k0 < num_keys; k0 += lanes) {
+      const int64_t n = std::min(lanes, num_keys - k0);
+      const float* block = keys + k0 * ld_keys;
+      if (n == lanes) {
+        Vec total[lanes];
+        for (int64_t j = 0; j < lanes; ++j) total[j] = Vec(0.0f);
+        for (int64_t d = 0; d < head_dim; d += lanes) {
+          const Vec qd = load(q + d, head_dim - d);
+          for (int64_t j = 0; j < lanes; ++j) {
+            total[j] = at::vec::fmadd(qd, load(block + j * ld_keys + d, head_dim - d), total[j]);
+          }
+        }
+        for (int64_t j = 0; j < lanes; ++j) total[j].store(partial + j * lanes);
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          Vec total(0.0f);
+          for (int64_t d = 0; d < head_dim; d += lanes) {
+            total = at::vec::fmadd(load(q + d, head_dim - d),
+                                   load(block + j * ld_keys + d, head_dim - d), total);
+          }
+          total.store(partial + j * lanes);
+        }
+      }
+      at::vec::transpose_mxn<float>(partial, lanes, transposed, lanes, n, lanes);
+      Vec dots(0.0f);
+      for (int64_t lane = 0; lane < lanes; ++lane) dots = dots + Vec::loadu(transposed + lane * lanes);
+      dots.store(logits + m * num_keys + k0, n);
+    }
   }
-  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// acc [rows, D] += weights [rows, keys] · V [keys, D], four keys per step in independent
+// accumulators.
+inline void small_accumulate(const float* weights, int64_t rows, const float* values,
+                             int64_t ld_values, int64_t num_keys, int64_t head_dim, float* acc) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* w = weights + m * num_keys;
+    for (int64_t d = 0; d < head_dim; d += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), head_dim - d);
+      const float* v = values + d;
+      Vec t0 = load(acc + m * head_dim + d, n), t1(0.0f), t2(0.0f), t3(0.0f);
+      int64_t k = 0;
+      for (; k + 4 <= num_keys; k += 4) {
+        t0 = at::vec::fmadd(Vec(w[k]), load(v + k * ld_values, n), t0);
+        t1 = at::vec::fmadd(Vec(w[k + 1]), load(v + (k + 1) * ld_values, n), t1);
+        t2 = at::vec::fmadd(Vec(w[k + 2]), load(v + (k + 2) * ld_values, n), t2);
+        t3 = at::vec::fmadd(Vec(w[k + 3]), load(v + (k + 3) * ld_values, n), t3);
+      }
+      for (; k < num_keys; ++k) t0 = at::vec::fmadd(Vec(w[k]), load(v + k * ld_values, n), t0);
+      ((t0 + t1) + (t2 + t3)).store(acc + m * head_dim + d, n);
+    }
+  }
 }
 
 // Below this many rows (a decode tile: rows = the GQA group) a GEMM call and the
@@ -158,20 +209,10 @@ constexpr int64_t kGemmRows = 16;
 inline void page_logits(const float* turned, int64_t rows, const float* keys, int64_t ld_keys,
                         int64_t num_keys, int64_t head_dim, float* keys_t, float* logits) {
   if (rows < kGemmRows) {
-    for (int64_t m = 0; m < rows; ++m) {
-      for (int64_t k = 0; k < num_keys; ++k) {
-        logits[m * num_keys + k] = dot(turned + m * head_dim, keys + k * ld_keys, head_dim);
-      }
-    }
+    small_logits(turned, rows, keys, ld_keys, num_keys, head_dim, logits);
     return;
   }
-  for (int64_t k = 0; k < num_keys; k += 16) {
-    for (int64_t d = 0; d < head_dim; d += 16) {
-      at::vec::transpose_mxn<float>(keys + k * ld_keys + d, ld_keys, keys_t + d * num_keys + k,
-                                    num_keys, std::min<int64_t>(16, num_keys - k),
-                                    std::min<int64_t>(16, head_dim - d));
-    }
-  }
+  transpose(keys, ld_keys, keys_t, num_keys, num_keys, head_dim);
   at::native::cpublas::brgemm(rows, num_keys, head_dim, head_dim, num_keys, num_keys, false,
                               turned, keys_t, logits, false);
 }
@@ -181,15 +222,30 @@ inline void accumulate_values(const float* weights, int64_t rows, const float* v
                               int64_t ld_values, int64_t num_keys, int64_t head_dim,
                               float* acc) {
   if (rows < kGemmRows) {
-    for (int64_t m = 0; m < rows; ++m) {
-      for (int64_t k = 0; k < num_keys; ++k) {
-        axpy(acc + m * head_dim, weights[m * num_keys + k], values + k * ld_values, head_dim);
-      }
-    }
+    small_accumulate(weights, rows, values, ld_values, num_keys, head_dim, acc);
     return;
   }
   at::native::cpublas::brgemm(rows, head_dim, num_keys, num_keys, ld_values, head_dim, true,
                               weights, values, acc, false);
+}
+
+// Sets the logits of slots kmin.. a query does not see to -inf; returns the row's max.
+inline float mask_to_window(float* row, int64_t keys, int64_t kmin, PageWindow w,
+                            int64_t global_hi) {
+  if (w.lo <= kmin && w.hi >= kmin + keys - 1) {  // it sees them all (most pages of a window)
+    return at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, row,
+                                      keys);
+  }
+  float max = kNegInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t k = 0; k < keys; ++k) {
+    const int64_t slot = kmin + k;
+    const bool visible = slot <= w.hi && (slot >= w.lo || slot <= global_hi);
+    const float logit = visible ? row[k] : kNegInf;
+    row[k] = logit;
+    max = logit > max ? logit : max;
+  }
+  return max;
 }
 
 template <typename scalar_t>
@@ -254,20 +310,7 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
       for (int64_t g = 0; g < group; ++g) {
         const int64_t m = i * group + g;
         float* row = logits.data() + m * keys;
-        float block_max = kNegInf;
-        if (w.lo <= kmin && w.hi >= kmax) {  // sees the whole range (most pages of a window)
-          block_max = at::vec::reduce_all<float>(
-              [](Vec x, Vec y) { return at::vec::maximum(x, y); }, row, keys);
-        } else {
-#pragma omp simd reduction(max : block_max)
-        for (int64_t k = 0; k < keys; ++k) {
-          const int64_t slot = kmin + k;
-          const bool visible = slot <= w.hi && (slot >= w.lo || slot <= global_hi);
-          const float logit = visible ? row[k] : kNegInf;
-          row[k] = logit;
-          block_max = logit > block_max ? logit : block_max;
-        }
-        }
+        const float block_max = mask_to_window(row, keys, kmin, w, global_hi);
         if (block_max == kNegInf) {  // nothing seen here: weights 0, running state unchanged
           std::fill(row, row + keys, 0.0f);
           continue;
