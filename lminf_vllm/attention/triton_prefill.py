@@ -17,11 +17,14 @@ Two launches per group:
    yet are zeros). This is the one place a key is turned (not once per query head and row
    block in the inner loop).
 2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
-   queries twice (exact and capped) and visits the keys in the page list's order:
+   queries (exact and capped) and visits the keys in the page list's order:
    * global pages every row is past L for: the capped product alone (`attend_far_global`);
      the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
-     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases;
+     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases,
+       both from the dense copy (`attend_window_far_edge`: since n_local <= L, a row's
+       capped pairs lie in one page, so a third turn of the query covers them; pipelined,
+       no page lookups);
      - then the exact case from the dense copy: masked at the window's far edge, unmasked
        in the middle (plain flash attention: most of a long window), masked on the diagonal
        (the masked runs in narrower blocks than the unmasked one).
@@ -156,10 +159,27 @@ def load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
 
 
 @triton.jit
-def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
-                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
-    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots."""
+def load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr, stride_table,
+                      angle, scale_log2, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                      PASS: tl.constexpr, PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """The rows' queries of one head turned by `angle` (per row), the softmax scale in log2
+    units folded in (no multiply per logit): both rotation halves in the input dtype.
+
+    Each turn reloads the query (L2 hits): a turn needed only by a later loop then holds no
+    float32 registers through the loops before it."""
+    q1, q2, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                            HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
+    t1, t2 = rotate(q1 * scale_log2, q2 * scale_log2, cos, sin)
+    return t1.to(qp.dtype), t2.to(qp.dtype)
+
+
+@triton.jit
+def load_dense_keys(keys, slot_lo, key_mask, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                    PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED_LOAD: tl.constexpr):
+    """A block of the dense turned copy: both rotation halves and the passthrough features
+    (k1 as a placeholder when PASS == 0, unused then)."""
     h = tl.arange(0, HALF_PAD)
     slot = slot_lo + tl.arange(0, BLOCK_N)
     ptr = keys + slot.to(tl.int64)[:, None] * KEY_DIM
@@ -169,8 +189,7 @@ def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
     else:
         k1 = tl.load(ptr + h[None, :])
         k2 = tl.load(ptr + HALF_PAD + h[None, :])
-    s = dot(qe1, tl.trans(k1))
-    s = dot(qe2, tl.trans(k2), s)
+    kp = k1
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
         if MASKED_LOAD:
@@ -178,8 +197,27 @@ def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
                          other=0.0)
         else:
             kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
+    return k1, k2, kp
+
+
+@triton.jit
+def turned_logits(q1, q2, qp, k1, k2, kp, PASS: tl.constexpr):
+    """<q, k> of turned query halves and keys, plus the passthrough features."""
+    s = dot(q1, tl.trans(k1))
+    s = dot(q2, tl.trans(k2), s)
+    if PASS > 0:
         s = dot(qp, tl.trans(kp), s)
     return s
+
+
+@triton.jit
+def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
+                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
+    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots."""
+    k1, k2, kp = load_dense_keys(keys, slot_lo, key_mask, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                                 BLOCK_N, MASKED_LOAD)
+    return turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
 
 
 @triton.jit
@@ -295,6 +333,34 @@ def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, q
 
 
 @triton.jit
+def attend_window_far_edge(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor,
+                           qe1, qe2, qw1, qw2, qp, keys, values, n_local, trained_length,
+                           PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                           PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                           HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) whose pages some row sees past L: both
+    cases per pair, both from the dense copy (one load of the keys, two products).
+
+    With n_local <= L (LMInfConfig's bound) the capped pairs a row t sees all lie in one
+    page, b_c(t) = B * floor((t - L - 1) / B); qw (the query turned by b_c(t) - a + L -
+    t mod B) against the copy's keys (turned by b_c(t) - a) gives their capped logit.
+    """
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = j < j_hi
+    k1, k2, kp = load_dense_keys(keys, slot_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                                 BLOCK_N, True)
+    s = turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
+    s_capped = turned_logits(qw1, qw2, qp, k1, k2, kp, PASS)
+    j_rel = (j - anchor).to(tl.int32)
+    page_rel = (j - j % PAGE_SIZE - anchor).to(tl.int32)
+    exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
+    dist = t_rel[:, None] - j_rel[None, :]
+    visible = key_ok[None, :] & (dist >= 0) & (dist < n_local)
+    s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
 def lambda_prefill_kernel(
     # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [rows, rotary_dim] f32
     q_ptr, kv_ptr, table_ptr,
@@ -350,18 +416,15 @@ def lambda_prefill_kernel(
     q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
     t_rel = (t - anchor).to(tl.int32)                     # in [0, T + B)
-    q1, q2, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
-                            HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    dtype = qp.dtype
-    # the softmax scale (in log2 units) rides on the queries: no multiply per logit
-    q1 = q1 * scale_log2
-    q2 = q2 * scale_log2
-    qp = (qp.to(tl.float32) * scale_log2).to(dtype)
-    cos, sin = cos_sin(table_ptr, stride_table, t_rel - t_in_page, HALF, HALF_PAD)
-    qe1, qe2 = rotate(q1, q2, cos, sin)                   # exact case
-    cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
-    qc1, qc2 = rotate(q1, q2, cos, sin)                   # capped case
-    qe1, qe2, qc1, qc2 = qe1.to(dtype), qe2.to(dtype), qc1.to(dtype), qc2.to(dtype)
+    _, _, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                          HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    qp = (qp.to(tl.float32) * scale_log2).to(qp.dtype)
+    qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, t_rel - t_in_page, scale_log2,
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)   # exact case
+    qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, trained_length - t_in_page, scale_log2,
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)   # capped case
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -398,13 +461,18 @@ def lambda_prefill_kernel(
     # pages with base < t1 - L can be past the distance limit for some row: both cases
     capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
     j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
+    # their capped pairs lie in each row's page b_c(t) (attend_window_far_edge); its offset
+    # from the anchor, floor_B(t_rel - L - 1), taken on a non-negative numerator
+    lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
+    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
+    qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, capped_page_rel + trained_length - t_in_page,
+                                 scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
-        acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, anchor,
-            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
-            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
-            GENERAL_BLOCK_N)
+        acc, m_i, l_i = attend_window_far_edge(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, t_rel, anchor, qe1, qe2, qw1, qw2,
+            qp, keys, values, n_local, trained_length,
+            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, GENERAL_BLOCK_N)
     # the rest is exact, from the dense copy, in three runs: masked at the window's far edge
     # [j_exact, edge_end) (keys some row is already past), unmasked in the middle
     # [edge_end, middle_end) (whole BLOCK_N blocks every row sees: first key inside the
