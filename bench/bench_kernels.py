@@ -92,12 +92,14 @@ DECODE_CONFIGS = [
 ]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
-# the long-window default first; then one knob at a time
-PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 2),
-                   (128, 128, 8, 3, 64, 2, 32, 1, 64, 4), (128, 128, 8, 3, 64, 2, 32, 2, 64, 8),
-                   (128, 128, 8, 3, 64, 2, 64, 2, 64, 8), (128, 128, 8, 3, 64, 3, 32, 1, 64, 8),
-                   (128, 128, 8, 4, 64, 2, 32, 1, 64, 8)]
-
+# the long-window default first; then the both-case blocks narrower (16 keys: no spills in
+# the sm_90 compile) with and without narrower masked blocks, wider (64: spills), half-height
+# programs (two per SM), 64-key middle blocks, and more pages per turn_pages program. Deeper
+# both-case pipelines are left out: ptxas serialises every wgmma of the kernel then (C7515).
+PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 16, 1, 64, 8),
+                   (128, 128, 8, 3, 32, 2, 16, 1, 64, 8), (128, 128, 8, 3, 64, 2, 64, 1, 64, 8),
+                   (64, 128, 4, 3, 32, 2, 32, 1, 64, 8), (64, 64, 4, 3, 32, 2, 32, 1, 64, 8),
+                   (128, 64, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 16)]
 
 def registers(launch):
     """Registers per thread and spilled bytes of a compiled Triton launch."""
@@ -190,6 +192,26 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
                 **registers(triton_prefill.LAST_LAUNCH))
 
 
+def prefill_errors(configs, position=1_000_000, chunk=4096, page_size=16, trained_length=4096):
+    """‖out - ref‖ / ‖ref‖ of each block shape's prefill of one chunk (written in bf16 into
+    the step's output, as the backend runs it) against reference.attend_group (float32 math
+    on the same bf16 inputs)."""
+    plan, q, kv, rot = setup([(chunk, position + chunk)], page_size=page_size,
+                             trained_length=trained_length, chunk=chunk)
+    (group,) = plan.groups
+    scale = HEAD_DIM ** -0.5
+    ref = reference.attend_group(plan, group, q, kv, rot, scale)[0]
+    errors = []
+    for kernel_args in configs:
+        output = torch.full_like(q, float("nan"))
+        triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output, **kernel_args)
+        out = output[group.query_rows[0]].float()
+        errors.append(((out - ref).norm() / ref.norm()).item())
+    del ref
+    torch.cuda.empty_cache()
+    return errors
+
+
 def sdpa_prefill_bench(queries, keys, causal):
     q = torch.randn(1, HEADS, queries, HEAD_DIM, device="cuda", dtype=DTYPE)
     k = torch.randn(1, KV_HEADS, keys, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -280,8 +302,11 @@ def main():
             r = dict(kernel_args, error=repr(e)[:300])
         tune.append(r)
         print("prefill", r, flush=True)
+    ran = [r for r in tune if "tflops" in r]
+    for r, err in zip(ran, prefill_errors([{k: r[k] for k in keys} for r in ran])):
+        r["rel_err_vs_reference"] = err
     results["prefill_tuning"] = tune
-    best = max((r for r in tune if "tflops" in r), key=lambda r: r["tflops"])
+    best = max(ran, key=lambda r: r["tflops"])
     kernel_args = {k: best[k] for k in keys}
     results["prefill_best"] = best
     results["prefill_best_args"] = kernel_args  # gpu_check.sh hands these to the xformers run
@@ -341,6 +366,13 @@ def main():
     print(f"prefill SDPA window {sw['tflops']:.0f} TF/s | Λ {bp['tflops']:.0f} TF/s -> "
           f"{bp['tflops']/sw['tflops']:.0%}; first chunk Λ {fc['tflops']:.0f} vs SDPA causal "
           f"{sc['tflops']:.0f} TF/s")
+    for r in results["prefill_tuning"]:
+        shape = "/".join(str(r[k]) for k in PREFILL_KEYS)
+        if "tflops" in r:
+            print(f"prefill {shape}: {r['tflops']:.0f} TF/s, regs {r['n_regs']} spills "
+                  f"{r['n_spills']}, err {r['rel_err_vs_reference']:.1e}")
+        else:
+            print(f"prefill {shape}: {r['error']}")
     for f in flat:
         print(f"flat {f['position']:>11}: decode x{f['decode_ratio_to_1e4']:.3f} prefill "
               f"x{f['prefill_ratio_to_1e4']:.3f}")
