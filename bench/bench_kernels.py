@@ -225,6 +225,7 @@ def sdpa_prefill_bench(queries, keys, causal):
 
 
 def main():
+    global N_GLOBAL  # set to 0 for one diagnostic run (prefill_no_global)
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer tuning configurations")
@@ -332,7 +333,11 @@ def main():
     results["prefill_first_chunk"] = prefill_bench(0, **kernel_args)
     results["prefill_L8192"] = prefill_bench(1_000_000, trained_length=8192, **kernel_args)
     results["prefill_b32"] = prefill_bench(1_000_000, page_size=32, **kernel_args)
-    for key in ("prefill_first_chunk", "prefill_L8192", "prefill_b32"):
+    # what the far global pages cost: the same chunk with n_global 0 (4096 x 4096 pairs)
+    saved, N_GLOBAL = N_GLOBAL, 0
+    results["prefill_no_global"] = prefill_bench(1_000_000, **kernel_args)
+    N_GLOBAL = saved
+    for key in ("prefill_first_chunk", "prefill_L8192", "prefill_b32", "prefill_no_global"):
         print(key, results[key], flush=True)
     save()
 
