@@ -92,14 +92,12 @@ DECODE_CONFIGS = [
 ]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
-# the long-window default first; then the both-case blocks narrower (16 keys: no spills in
-# the sm_90 compile) with and without narrower masked blocks, wider (64: spills), half-height
-# programs (two per SM), 64-key middle blocks, and more pages per turn_pages program. Deeper
-# both-case pipelines are left out: ptxas serialises every wgmma of the kernel then (C7515).
-PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 16, 1, 64, 8),
-                   (128, 128, 8, 3, 32, 2, 16, 1, 64, 8), (128, 128, 8, 3, 64, 2, 64, 1, 64, 8),
-                   (64, 128, 4, 3, 32, 2, 32, 1, 64, 8), (64, 64, 4, 3, 32, 2, 32, 1, 64, 8),
-                   (128, 64, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 16)]
+# the long-window default first; then narrower masked blocks (no spills in the sm_90
+# compile), wider capped blocks, pipelined, deeper masked pipelines, half-height programs.
+PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 32, 2, 32, 1, 64, 8),
+                   (128, 128, 8, 3, 64, 2, 64, 1, 64, 8), (128, 128, 8, 3, 64, 2, 64, 2, 64, 8),
+                   (128, 128, 8, 3, 32, 2, 64, 2, 64, 8), (128, 128, 8, 3, 32, 3, 32, 1, 64, 8),
+                   (128, 128, 8, 3, 64, 3, 32, 1, 64, 8), (64, 64, 4, 3, 32, 2, 32, 1, 64, 8)]
 
 def registers(launch):
     """Registers per thread and spilled bytes of a compiled Triton launch."""
@@ -177,7 +175,7 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
             triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output,
                                         **kernel_args)
 
-    shape = dict(triton_prefill.block_shape(plan.config, DTYPE), **kernel_args)
+    shape = dict(triton_prefill.block_shape(plan.config, DTYPE, HEAD_DIM), **kernel_args)
 
     def turn_only():
         for group in plan.groups:

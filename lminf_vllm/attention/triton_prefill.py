@@ -30,7 +30,8 @@ Two launches per group:
        (the masked runs in narrower blocks than the unmasked one).
    Loop bounds are computed once per program from t0, t1 and the window's first page, so
    the unmasked loop has no per-pair mask and no branch. The block shape follows the
-   window's length (LONG_WINDOW_BLOCKS / SHORT_WINDOW_BLOCKS). Given the step's output,
+   window's length and the head size (LONG_WINDOW_BLOCKS, LONG_WINDOW_SMALL_HEAD_BLOCKS,
+   SHORT_WINDOW_BLOCKS). Given the step's output,
    the kernel writes its rows there in the output's dtype.
 
 Angles reach the tile's length (queries) and -(n_local + B) (keys): the rotation table must
@@ -64,6 +65,15 @@ LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=2, general_block_n=32, general_stages=1,
                           far_block_n=64, turn_pages=8)
+# Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
+# registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
+# hide behind each other's products; on the H200 (2026-12-01, bench_prefill_shapes.py
+# --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s against 279 for the 128-row
+# shape, which leaves one program per SM.
+LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
+                                     edge_block_n=32, edge_stages=2, general_block_n=32,
+                                     general_stages=1, far_block_n=64, turn_pages=8)
+SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
                            far_block_n=64, turn_pages=8)
@@ -309,37 +319,50 @@ def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, value
 
 
 @triton.jit
+def window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE: tl.constexpr):
+    """Per (row, window key j): visible (inside the row's window, not ahead of it) and exact
+    (the key's page within L of the row)."""
+    j_rel = (j - anchor).to(tl.int32)
+    page_rel = (j - j % PAGE_SIZE - anchor).to(tl.int32)
+    dist = t_rel[:, None] - j_rel[None, :]
+    visible = (dist >= 0) & (dist < n_local)
+    exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
+    return visible, exact
+
+
+@triton.jit
 def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qp,
-                  keys, values, n_local,
-                  HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-                  KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """Window keys j_lo .. j_lo + BLOCK_N, all pairs exact, from the dense copy.
+                  keys, values, n_local, trained_length,
+                  PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                  PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N, their exact pairs, from the dense copy.
 
     MASKED: the block touches the window's far edge or the diagonal (or ends past j_hi);
-    otherwise every row sees every key of the block and no mask is evaluated. The mask is the
-    distance alone: keys from j_hi = t1 + 1 on are at negative distance from every row, and
-    padding rows (past the tile's queries) repeat t1 and are not stored.
+    otherwise every row sees every key of the block exactly and no mask is evaluated. The
+    mask keeps the visible exact pairs (the capped ones are attend_window_capped's): keys
+    from j_hi = t1 + 1 on are at negative distance from every row, and padding rows (past
+    the tile's queries) repeat t1 and are not stored.
     """
     j = j_lo + tl.arange(0, BLOCK_N)
     key_ok = j < j_hi
     s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
                      HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED)
     if MASKED:
-        dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
-        s = tl.where((dist >= 0) & (dist < n_local), s, float("-inf"))
+        visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
+        s = tl.where(visible & exact, s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
                         MASKED)
 
 
 @triton.jit
-def attend_window_far_edge(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor,
-                           qe1, qe2, qw1, qw2, qp, keys, values, n_local, trained_length,
-                           PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
-                           PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
-                           HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) whose pages some row sees past L: both
-    cases per pair, both from the dense copy (one load of the keys, two products).
+def attend_window_capped(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qw1, qw2, qp,
+                         keys, values, n_local, trained_length,
+                         PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                         PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) whose pages some row sees past L: their
+    capped pairs, from the dense copy.
 
     With n_local <= L (LMInfConfig's bound) the capped pairs a row t sees all lie in one
     page, b_c(t) = B * floor((t - L - 1) / B); qw (the query turned by b_c(t) - a + L -
@@ -347,16 +370,10 @@ def attend_window_far_edge(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor,
     """
     j = j_lo + tl.arange(0, BLOCK_N)
     key_ok = j < j_hi
-    k1, k2, kp = load_dense_keys(keys, slot_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
-                                 BLOCK_N, True)
-    s = turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
-    s_capped = turned_logits(qw1, qw2, qp, k1, k2, kp, PASS)
-    j_rel = (j - anchor).to(tl.int32)
-    page_rel = (j - j % PAGE_SIZE - anchor).to(tl.int32)
-    exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
-    dist = t_rel[:, None] - j_rel[None, :]
-    visible = key_ok[None, :] & (dist >= 0) & (dist < n_local)
-    s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
+    s = exact_logits(qw1, qw2, qp, keys, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True)
+    visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
+    s = tl.where(key_ok[None, :] & visible & (exact == 0), s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
 
 
@@ -403,7 +420,8 @@ def lambda_prefill_kernel(
     keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
     values = values_ptr + n * stride_vn + kv_head * stride_vh
 
-    # ---- the rows' queries and their two turns ----
+    # ---- the rows' queries and their turns (exact, capped, and the window's capped
+    # pairs: see attend_window_capped), made before the accumulator holds registers ----
     m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = m < num_queries
     pos = pos_ptr + n * stride_pos_n
@@ -421,36 +439,25 @@ def lambda_prefill_kernel(
     qp = (qp.to(tl.float32) * scale_log2).to(qp.dtype)
     qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
                                  stride_table, t_rel - t_in_page, scale_log2,
-                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)   # exact case
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
                                  stride_table, trained_length - t_in_page, scale_log2,
-                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)   # capped case
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    # the page of a row's capped window pairs, relative to the anchor: floor_B(t_rel - L - 1),
+    # taken on a non-negative numerator
+    lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
+    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
+    qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, capped_page_rel + trained_length - t_in_page,
+                                 scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    # ---- the global pages: the first num_global pages of the list, slots = positions ----
-    # Pages whose base is before t0 - L are past the distance limit for every row: capped
-    # alone (the usual case once a stream is longer than L); the rest both cases.
-    global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
-    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
-    far_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
-    for j_lo in tl.range(0, far_keys, FAR_BLOCK_N, num_stages=1):
-        acc, m_i, l_i = attend_far_global(
-            acc, m_i, l_i, j_lo, far_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
-            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
-    for j_lo in tl.range(far_keys, global_keys, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
-        acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
-            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
-            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
-            GENERAL_BLOCK_N)
-
     # ---- the window pages: contiguous positions from the list's first window page, at
     # slot global_keys (+ j - window_base); keys from the first one some row sees to t1 ----
+    global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
     global_pages = global_keys // PAGE_SIZE
     first_window = tl.load(base_ptr + n * stride_page_n + global_pages,
                            mask=global_pages < num_pages, other=-1)
@@ -458,45 +465,61 @@ def lambda_prefill_kernel(
     slot_of = global_keys - window_base
     j_start = tl.maximum(window_base, t0 - n_local + 1)
     j_end = t1 + 1
-    # pages with base < t1 - L can be past the distance limit for some row: both cases
+    # pages with base < t1 - L can be past the distance limit for some row: [j_start, j_exact)
     capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
     j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
-    # their capped pairs lie in each row's page b_c(t) (attend_window_far_edge); its offset
-    # from the anchor, floor_B(t_rel - L - 1), taken on a non-negative numerator
-    lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
-    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
-    qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
-                                 stride_table, capped_page_rel + trained_length - t_in_page,
-                                 scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+
+    # ---- the window's capped pairs first (then qw holds no registers through the loops
+    # below; the exact query is the only one the window's exact pairs need) ----
     for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
-        acc, m_i, l_i = attend_window_far_edge(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, t_rel, anchor, qe1, qe2, qw1, qw2,
-            qp, keys, values, n_local, trained_length,
+        acc, m_i, l_i = attend_window_capped(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, t_rel, anchor, qw1, qw2, qp,
+            keys, values, n_local, trained_length,
             PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, GENERAL_BLOCK_N)
-    # the rest is exact, from the dense copy, in three runs: masked at the window's far edge
-    # [j_exact, edge_end) (keys some row is already past), unmasked in the middle
-    # [edge_end, middle_end) (whole BLOCK_N blocks every row sees: first key inside the
-    # last row's window, last key <= t0), masked on the diagonal [middle_end, t1]. The masked
-    # runs take EDGE_BLOCK_N keys per block: a mask over a BLOCK_M x BLOCK_N block costs
-    # registers the unmasked loop needs for its pipeline.
-    edge_keys = tl.maximum(t1 - n_local + 1 - j_exact, 0)
-    edge_end = tl.minimum(j_exact + tl.cdiv(edge_keys, EDGE_BLOCK_N) * EDGE_BLOCK_N, j_end)
-    middle_end = edge_end + tl.maximum(t0 + 1 - edge_end, 0) // BLOCK_N * BLOCK_N
-    for j_lo in tl.range(j_exact, edge_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
+
+    # ---- the global pages: the first num_global pages of the list, slots = positions ----
+    # Pages whose base is before t0 - L are past the distance limit for every row: capped
+    # alone (the usual case once a stream is longer than L); the rest both cases.
+    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+    far_global_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
+    for j_lo in tl.range(0, far_global_keys, FAR_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_far_global(
+            acc, m_i, l_i, j_lo, far_global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
+    for j_lo in tl.range(far_global_keys, global_keys, GENERAL_BLOCK_N,
+                         num_stages=GENERAL_STAGES):
+        acc, m_i, l_i = attend_general(
+            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
+            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
+            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
+            GENERAL_BLOCK_N)
+
+    # ---- the window's exact pairs, with the exact query alone ----
+    # Three runs: masked at the window's far edge [j_start, far_end) (keys some row is
+    # already past, or sees past L), unmasked in the middle [far_end, middle_end) (whole
+    # BLOCK_N blocks every row sees exactly: first key inside the last row's window and
+    # exact for it, last key <= t0), masked on the diagonal [middle_end, t1]. Both masked
+    # runs are one loop (one pipeline) of EDGE_BLOCK_N-key blocks: a mask over a BLOCK_M x
+    # BLOCK_N block costs registers the unmasked loop needs for its pipeline.
+    far_keys = tl.maximum(tl.maximum(t1 - n_local + 1, j_exact) - j_start, 0)
+    far_blocks = tl.cdiv(far_keys, EDGE_BLOCK_N)
+    far_end = tl.minimum(j_start + far_blocks * EDGE_BLOCK_N, j_end)
+    middle_end = far_end + tl.maximum(t0 + 1 - far_end, 0) // BLOCK_N * BLOCK_N
+    masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
+    for i in tl.range(0, masked_blocks, num_stages=EDGE_STAGES):
+        j_lo = tl.where(i < far_blocks, j_start + i * EDGE_BLOCK_N,
+                        middle_end + (i - far_blocks) * EDGE_BLOCK_N)
         acc, m_i, l_i = attend_window(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
-    for j_lo in tl.range(edge_end, middle_end, BLOCK_N):
+            keys, values, n_local, trained_length,
+            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+    for j_lo in tl.range(far_end, middle_end, BLOCK_N):
         acc, m_i, l_i = attend_window(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    for j_lo in tl.range(middle_end, j_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
-        acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+            keys, values, n_local, trained_length,
+            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
 
     d = tl.arange(0, HEAD_DIM_PAD)
     if TO_STEP_ROWS:
@@ -546,11 +569,13 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int =
     return keys, values
 
 
-def block_shape(config, dtype: torch.dtype) -> dict:
-    """The default block shape for this window and dtype."""
+def block_shape(config, dtype: torch.dtype, head_dim: int) -> dict:
+    """The default block shape for this window, dtype and head size."""
     if dtype == torch.float32:
         return FLOAT32_BLOCKS
-    return LONG_WINDOW_BLOCKS if config.n_local >= LONG_WINDOW else SHORT_WINDOW_BLOCKS
+    if config.n_local < LONG_WINDOW:
+        return SHORT_WINDOW_BLOCKS
+    return LONG_WINDOW_SMALL_HEAD_BLOCKS if head_dim <= SMALL_HEAD else LONG_WINDOW_BLOCKS
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
@@ -561,12 +586,12 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     given the step's output [T_all, H, D], writes the group's rows there in its dtype (what
     the backend does: no float32 copy to convert and scatter afterwards) and returns it.
     rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
-    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length
-    and the dtype (block_shape).
+    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length,
+    the dtype and the head size (block_shape).
     """
     check_inputs(plan.config, group, query, kv_cache, rotation, decode=False)
     config = plan.config
-    shape = block_shape(config, query.dtype)
+    shape = block_shape(config, query.dtype, query.shape[2])
     unknown = set(blocks) - set(shape)
     if unknown:
         raise TypeError(f"lminf triton_prefill: unknown block arguments {sorted(unknown)}")
