@@ -92,10 +92,11 @@ DECODE_CONFIGS = [
 ]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
-# the long-window default first; then narrower masked blocks (no spills in the sm_90
-# compile), wider capped blocks, pipelined, deeper masked pipelines, half-height programs.
-PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 32, 2, 32, 1, 64, 8),
-                   (128, 128, 8, 3, 64, 2, 64, 1, 64, 8), (128, 128, 8, 3, 64, 2, 64, 2, 64, 8),
+# the long-window default first; then narrower masked and capped blocks (no spills in the
+# sm_90 compile), the earlier 32-key capped blocks, pipelined capped blocks, deeper masked
+# pipelines, half-height programs.
+PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 64, 1, 64, 8), (128, 128, 8, 3, 32, 2, 32, 1, 64, 8),
+                   (128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 64, 2, 64, 8),
                    (128, 128, 8, 3, 32, 2, 64, 2, 64, 8), (128, 128, 8, 3, 32, 3, 32, 1, 64, 8),
                    (128, 128, 8, 3, 64, 3, 32, 1, 64, 8), (64, 64, 4, 3, 32, 2, 32, 1, 64, 8)]
 

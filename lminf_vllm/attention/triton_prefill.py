@@ -57,19 +57,22 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # programs pay for their edges (about 128 + 64 masked keys per row) only when the unmasked
 # middle is long: from n_local 4096 on (385-392 vs 379 TF/s there, 310 vs 340 at 2048, 64 vs
 # 109 at 256).
-# Both shapes share the rest: keys per block and pipeline depth where both cases are
-# computed (global pages, the window's oldest pages; two logit blocks live at once there, so
-# 32 keys keep the register peak down), keys per block of the global pages every row is past
-# L (one product per pair), and pages per program of turn_pages_kernel.
+# The shapes also set the keys per block and pipeline depth where pairs can be capped (the
+# window's oldest pages, one product per block; the global pages some row is within L of,
+# two logit blocks at once), keys per block of the global pages every row is past L (one
+# product per pair), and pages per program of turn_pages_kernel. The long-window shape's
+# 64-key capped blocks: 398 TF/s on the H200 against 388 for 32 (2026-12-02 00:13 run,
+# bench_kernels.json prefill_tuning; 2 bytes of spills against 4); deeper pipelines there
+# lost (390) and are the ones ptxas can answer by serialising every wgmma (C7515).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=64, edge_stages=2, general_block_n=32, general_stages=1,
+                          edge_block_n=64, edge_stages=2, general_block_n=64, general_stages=1,
                           far_block_n=64, turn_pages=8)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
-# hide behind each other's products; on the H200 (2026-12-01, bench_prefill_shapes.py
-# --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s against 279 for the 128-row
-# shape, which leaves one program per SM.
+# hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
+# bench_prefill_shapes.py --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s
+# against 279 for the 128-row shape, which leaves one program per SM.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=32, edge_stages=2, general_block_n=32,
                                      general_stages=1, far_block_n=64, turn_pages=8)
