@@ -92,12 +92,13 @@ DECODE_CONFIGS = [
 ]
 PREFILL_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "edge_block_n", "edge_stages",
                 "general_block_n", "general_stages", "far_block_n", "turn_pages")
-# the long-window default first; then one knob at a time
-PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 32, 1, 64, 2),
-                   (128, 128, 8, 3, 64, 2, 32, 1, 64, 4), (128, 128, 8, 3, 64, 2, 32, 2, 64, 8),
-                   (128, 128, 8, 3, 64, 2, 64, 2, 64, 8), (128, 128, 8, 3, 64, 3, 32, 1, 64, 8),
-                   (128, 128, 8, 4, 64, 2, 32, 1, 64, 8)]
-
+# the long-window default first; then narrower masked and capped blocks (no spills in the
+# sm_90 compile), the earlier 32-key capped blocks, pipelined capped blocks, deeper masked
+# pipelines, half-height programs.
+PREFILL_CONFIGS = [(128, 128, 8, 3, 64, 2, 64, 1, 64, 8), (128, 128, 8, 3, 32, 2, 32, 1, 64, 8),
+                   (128, 128, 8, 3, 64, 2, 32, 1, 64, 8), (128, 128, 8, 3, 64, 2, 64, 2, 64, 8),
+                   (128, 128, 8, 3, 32, 2, 64, 2, 64, 8), (128, 128, 8, 3, 32, 3, 32, 1, 64, 8),
+                   (128, 128, 8, 3, 64, 3, 32, 1, 64, 8), (64, 64, 4, 3, 32, 2, 32, 1, 64, 8)]
 
 def registers(launch):
     """Registers per thread and spilled bytes of a compiled Triton launch."""
@@ -175,7 +176,7 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
             triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output,
                                         **kernel_args)
 
-    shape = dict(triton_prefill.block_shape(plan.config, DTYPE), **kernel_args)
+    shape = dict(triton_prefill.block_shape(plan.config, DTYPE, HEAD_DIM), **kernel_args)
 
     def turn_only():
         for group in plan.groups:
@@ -188,6 +189,26 @@ def prefill_bench(position, chunk=4096, page_size=16, trained_length=4096, **ker
                 trained_length=trained_length, visible_pairs=pairs, ms=ms,
                 tflops=flops / ms / 1e9, turn_pages_ms=bench(turn_only), **kernel_args,
                 **registers(triton_prefill.LAST_LAUNCH))
+
+
+def prefill_errors(configs, position=1_000_000, chunk=4096, page_size=16, trained_length=4096):
+    """‖out - ref‖ / ‖ref‖ of each block shape's prefill of one chunk (written in bf16 into
+    the step's output, as the backend runs it) against reference.attend_group (float32 math
+    on the same bf16 inputs)."""
+    plan, q, kv, rot = setup([(chunk, position + chunk)], page_size=page_size,
+                             trained_length=trained_length, chunk=chunk)
+    (group,) = plan.groups
+    scale = HEAD_DIM ** -0.5
+    ref = reference.attend_group(plan, group, q, kv, rot, scale)[0]
+    errors = []
+    for kernel_args in configs:
+        output = torch.full_like(q, float("nan"))
+        triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output, **kernel_args)
+        out = output[group.query_rows[0]].float()
+        errors.append(((out - ref).norm() / ref.norm()).item())
+    del ref
+    torch.cuda.empty_cache()
+    return errors
 
 
 def sdpa_prefill_bench(queries, keys, causal):
@@ -203,6 +224,7 @@ def sdpa_prefill_bench(queries, keys, causal):
 
 
 def main():
+    global N_GLOBAL  # set to 0 for one diagnostic run (prefill_no_global)
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer tuning configurations")
@@ -280,8 +302,11 @@ def main():
             r = dict(kernel_args, error=repr(e)[:300])
         tune.append(r)
         print("prefill", r, flush=True)
+    ran = [r for r in tune if "tflops" in r]
+    for r, err in zip(ran, prefill_errors([{k: r[k] for k in keys} for r in ran])):
+        r["rel_err_vs_reference"] = err
     results["prefill_tuning"] = tune
-    best = max((r for r in tune if "tflops" in r), key=lambda r: r["tflops"])
+    best = max(ran, key=lambda r: r["tflops"])
     kernel_args = {k: best[k] for k in keys}
     results["prefill_best"] = best
     results["prefill_best_args"] = kernel_args  # gpu_check.sh hands these to the xformers run
@@ -307,7 +332,11 @@ def main():
     results["prefill_first_chunk"] = prefill_bench(0, **kernel_args)
     results["prefill_L8192"] = prefill_bench(1_000_000, trained_length=8192, **kernel_args)
     results["prefill_b32"] = prefill_bench(1_000_000, page_size=32, **kernel_args)
-    for key in ("prefill_first_chunk", "prefill_L8192", "prefill_b32"):
+    # what the far global pages cost: the same chunk with n_global 0 (4096 x 4096 pairs)
+    saved, N_GLOBAL = N_GLOBAL, 0
+    results["prefill_no_global"] = prefill_bench(1_000_000, **kernel_args)
+    N_GLOBAL = saved
+    for key in ("prefill_first_chunk", "prefill_L8192", "prefill_b32", "prefill_no_global"):
         print(key, results[key], flush=True)
     save()
 
@@ -341,6 +370,13 @@ def main():
     print(f"prefill SDPA window {sw['tflops']:.0f} TF/s | Λ {bp['tflops']:.0f} TF/s -> "
           f"{bp['tflops']/sw['tflops']:.0%}; first chunk Λ {fc['tflops']:.0f} vs SDPA causal "
           f"{sc['tflops']:.0f} TF/s")
+    for r in results["prefill_tuning"]:
+        shape = "/".join(str(r[k]) for k in PREFILL_KEYS)
+        if "tflops" in r:
+            print(f"prefill {shape}: {r['tflops']:.0f} TF/s, regs {r['n_regs']} spills "
+                  f"{r['n_spills']}, err {r['rel_err_vs_reference']:.1e}")
+        else:
+            print(f"prefill {shape}: {r['error']}")
     for f in flat:
         print(f"flat {f['position']:>11}: decode x{f['decode_ratio_to_1e4']:.3f} prefill "
               f"x{f['prefill_ratio_to_1e4']:.3f}")

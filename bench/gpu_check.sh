@@ -6,7 +6,8 @@
 #
 # steps: any of tests, bench, shapes, ceiling, xformers, stream, throughput (default: all, in
 # that order). throughput: the stream runner's 1B-class random Llama, Λ at 1e7/1e6/1e4 vs
-# dense SDPA at L (THROUGHPUT_ARGS adds arguments).
+# dense SDPA at L (THROUGHPUT_ARGS adds arguments). BENCH_ARGS and SHAPES_ARGS add arguments
+# to bench_kernels.py (e.g. --quick) and bench_prefill_shapes.py (e.g. --windows 1b).
 # .whl holds xformers-0.0.35 (pip download, see docs/kernels.md); .gpudata holds val.npy.
 # Everything lands under $OUT (at most 8 files come back): gpu_check.log, the JSON results.
 set -u
@@ -34,12 +35,13 @@ if has tests; then
 fi
 if has bench; then
   echo "== bench_kernels ==" | tee -a "$LOG"
-  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_kernels.py --out "$OUT/bench_kernels.json" 2>&1 | tee -a "$LOG"
+  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_kernels.py --out "$OUT/bench_kernels.json" \
+    ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
 fi
 if has shapes; then
   echo "== bench_prefill_shapes ==" | tee -a "$LOG"
-  timeout 200 python3 bench/bench_prefill_shapes.py --out "$OUT/prefill_block_shapes.json" \
-    2>&1 | tee -a "$LOG"
+  timeout "${SHAPES_TIMEOUT:-200}" python3 bench/bench_prefill_shapes.py \
+    --out "$OUT/prefill_block_shapes.json" ${SHAPES_ARGS:-} 2>&1 | tee -a "$LOG"
 fi
 if has ceiling; then
   echo "== triton_ceiling ==" | tee -a "$LOG"

@@ -17,17 +17,21 @@ Two launches per group:
    yet are zeros). This is the one place a key is turned (not once per query head and row
    block in the inner loop).
 2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
-   queries twice (exact and capped) and visits the keys in the page list's order:
+   queries (exact and capped) and visits the keys in the page list's order:
    * global pages every row is past L for: the capped product alone (`attend_far_global`);
      the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
-     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases;
+     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases,
+       both from the dense copy (`attend_window_far_edge`: since n_local <= L, a row's
+       capped pairs lie in one page, so a third turn of the query covers them; pipelined,
+       no page lookups);
      - then the exact case from the dense copy: masked at the window's far edge, unmasked
        in the middle (plain flash attention: most of a long window), masked on the diagonal
        (the masked runs in narrower blocks than the unmasked one).
    Loop bounds are computed once per program from t0, t1 and the window's first page, so
    the unmasked loop has no per-pair mask and no branch. The block shape follows the
-   window's length (LONG_WINDOW_BLOCKS / SHORT_WINDOW_BLOCKS). Given the step's output,
+   window's length and the head size (LONG_WINDOW_BLOCKS, LONG_WINDOW_SMALL_HEAD_BLOCKS,
+   SHORT_WINDOW_BLOCKS). Given the step's output,
    the kernel writes its rows there in the output's dtype.
 
 Angles reach the tile's length (queries) and -(n_local + B) (keys): the rotation table must
@@ -53,14 +57,26 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # programs pay for their edges (about 128 + 64 masked keys per row) only when the unmasked
 # middle is long: from n_local 4096 on (385-392 vs 379 TF/s there, 310 vs 340 at 2048, 64 vs
 # 109 at 256).
-# Both shapes share the rest: keys per block and pipeline depth where both cases are
-# computed (global pages, the window's oldest pages; two logit blocks live at once there, so
-# 32 keys keep the register peak down), keys per block of the global pages every row is past
-# L (one product per pair), and pages per program of turn_pages_kernel.
+# The shapes also set the keys per block and pipeline depth where pairs can be capped (the
+# window's oldest pages, one product per block; the global pages some row is within L of,
+# two logit blocks at once), keys per block of the global pages every row is past L (one
+# product per pair), and pages per program of turn_pages_kernel. The long-window shape's
+# 64-key capped blocks: 398 TF/s on the H200 against 388 for 32 (2026-12-02 00:13 run,
+# bench_kernels.json prefill_tuning; 2 bytes of spills against 4); deeper pipelines there
+# lost (390) and are the ones ptxas can answer by serialising every wgmma (C7515).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=64, edge_stages=2, general_block_n=32, general_stages=1,
+                          edge_block_n=64, edge_stages=2, general_block_n=64, general_stages=1,
                           far_block_n=64, turn_pages=8)
+# Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
+# registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
+# hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
+# bench_prefill_shapes.py --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s
+# against 279 for the 128-row shape, which leaves one program per SM.
+LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
+                                     edge_block_n=32, edge_stages=2, general_block_n=32,
+                                     general_stages=1, far_block_n=64, turn_pages=8)
+SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
                            far_block_n=64, turn_pages=8)
@@ -156,10 +172,27 @@ def load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
 
 
 @triton.jit
-def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
-                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
-    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots."""
+def load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr, stride_table,
+                      angle, scale_log2, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                      PASS: tl.constexpr, PASS_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
+    """The rows' queries of one head turned by `angle` (per row), the softmax scale in log2
+    units folded in (no multiply per logit): both rotation halves in the input dtype.
+
+    Each turn reloads the query (L2 hits): a turn needed only by a later loop then holds no
+    float32 registers through the loops before it."""
+    q1, q2, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                            HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
+    t1, t2 = rotate(q1 * scale_log2, q2 * scale_log2, cos, sin)
+    return t1.to(qp.dtype), t2.to(qp.dtype)
+
+
+@triton.jit
+def load_dense_keys(keys, slot_lo, key_mask, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                    PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED_LOAD: tl.constexpr):
+    """A block of the dense turned copy: both rotation halves and the passthrough features
+    (k1 as a placeholder when PASS == 0, unused then)."""
     h = tl.arange(0, HALF_PAD)
     slot = slot_lo + tl.arange(0, BLOCK_N)
     ptr = keys + slot.to(tl.int64)[:, None] * KEY_DIM
@@ -169,8 +202,7 @@ def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
     else:
         k1 = tl.load(ptr + h[None, :])
         k2 = tl.load(ptr + HALF_PAD + h[None, :])
-    s = dot(qe1, tl.trans(k1))
-    s = dot(qe2, tl.trans(k2), s)
+    kp = k1
     if PASS > 0:
         p_idx = tl.arange(0, PASS_PAD)
         if MASKED_LOAD:
@@ -178,8 +210,27 @@ def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
                          other=0.0)
         else:
             kp = tl.load(ptr + 2 * HALF_PAD + p_idx[None, :])
+    return k1, k2, kp
+
+
+@triton.jit
+def turned_logits(q1, q2, qp, k1, k2, kp, PASS: tl.constexpr):
+    """<q, k> of turned query halves and keys, plus the passthrough features."""
+    s = dot(q1, tl.trans(k1))
+    s = dot(q2, tl.trans(k2), s)
+    if PASS > 0:
         s = dot(qp, tl.trans(kp), s)
     return s
+
+
+@triton.jit
+def exact_logits(qe1, qe2, qp, keys, slot_lo, key_mask,
+                 HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                 KEY_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_LOAD: tl.constexpr):
+    """<q turned by t - t mod B - a, key turned by b_p - a> for a block of dense slots."""
+    k1, k2, kp = load_dense_keys(keys, slot_lo, key_mask, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                                 BLOCK_N, MASKED_LOAD)
+    return turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
 
 
 @triton.jit
@@ -271,27 +322,62 @@ def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, value
 
 
 @triton.jit
+def window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE: tl.constexpr):
+    """Per (row, window key j): visible (inside the row's window, not ahead of it) and exact
+    (the key's page within L of the row)."""
+    j_rel = (j - anchor).to(tl.int32)
+    page_rel = (j - j % PAGE_SIZE - anchor).to(tl.int32)
+    dist = t_rel[:, None] - j_rel[None, :]
+    visible = (dist >= 0) & (dist < n_local)
+    exact = (t_rel[:, None] - page_rel[None, :]) <= trained_length
+    return visible, exact
+
+
+@triton.jit
 def attend_window(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qp,
-                  keys, values, n_local,
-                  HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-                  KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """Window keys j_lo .. j_lo + BLOCK_N, all pairs exact, from the dense copy.
+                  keys, values, n_local, trained_length,
+                  PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                  PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N, their exact pairs, from the dense copy.
 
     MASKED: the block touches the window's far edge or the diagonal (or ends past j_hi);
-    otherwise every row sees every key of the block and no mask is evaluated. The mask is the
-    distance alone: keys from j_hi = t1 + 1 on are at negative distance from every row, and
-    padding rows (past the tile's queries) repeat t1 and are not stored.
+    otherwise every row sees every key of the block exactly and no mask is evaluated. The
+    mask keeps the visible exact pairs (the capped ones are attend_window_capped's): keys
+    from j_hi = t1 + 1 on are at negative distance from every row, and padding rows (past
+    the tile's queries) repeat t1 and are not stored.
     """
     j = j_lo + tl.arange(0, BLOCK_N)
     key_ok = j < j_hi
     s = exact_logits(qe1, qe2, qp, keys, slot_lo, key_ok,
                      HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, MASKED)
     if MASKED:
-        dist = t_rel[:, None] - (j - anchor).to(tl.int32)[None, :]
-        s = tl.where((dist >= 0) & (dist < n_local), s, float("-inf"))
+        visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
+        s = tl.where(visible & exact, s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
                         MASKED)
+
+
+@triton.jit
+def attend_window_capped(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qw1, qw2, qp,
+                         keys, values, n_local, trained_length,
+                         PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                         PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) whose pages some row sees past L: their
+    capped pairs, from the dense copy.
+
+    With n_local <= L (LMInfConfig's bound) the capped pairs a row t sees all lie in one
+    page, b_c(t) = B * floor((t - L - 1) / B); qw (the query turned by b_c(t) - a + L -
+    t mod B) against the copy's keys (turned by b_c(t) - a) gives their capped logit.
+    """
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = j < j_hi
+    s = exact_logits(qw1, qw2, qp, keys, slot_lo, key_ok,
+                     HALF_PAD, PASS, PASS_PAD, KEY_DIM, BLOCK_N, True)
+    visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
+    s = tl.where(key_ok[None, :] & visible & (exact == 0), s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
 
 
 @triton.jit
@@ -337,7 +423,8 @@ def lambda_prefill_kernel(
     keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
     values = values_ptr + n * stride_vn + kv_head * stride_vh
 
-    # ---- the rows' queries and their two turns ----
+    # ---- the rows' queries and their turns (exact, capped, and the window's capped
+    # pairs: see attend_window_capped), made before the accumulator holds registers ----
     m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = m < num_queries
     pos = pos_ptr + n * stride_pos_n
@@ -350,44 +437,30 @@ def lambda_prefill_kernel(
     q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
     t_rel = (t - anchor).to(tl.int32)                     # in [0, T + B)
-    q1, q2, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
-                            HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    dtype = qp.dtype
-    # the softmax scale (in log2 units) rides on the queries: no multiply per logit
-    q1 = q1 * scale_log2
-    q2 = q2 * scale_log2
-    qp = (qp.to(tl.float32) * scale_log2).to(dtype)
-    cos, sin = cos_sin(table_ptr, stride_table, t_rel - t_in_page, HALF, HALF_PAD)
-    qe1, qe2 = rotate(q1, q2, cos, sin)                   # exact case
-    cos, sin = cos_sin(table_ptr, stride_table, trained_length - t_in_page, HALF, HALF_PAD)
-    qc1, qc2 = rotate(q1, q2, cos, sin)                   # capped case
-    qe1, qe2, qc1, qc2 = qe1.to(dtype), qe2.to(dtype), qc1.to(dtype), qc2.to(dtype)
+    _, _, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                          HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    qp = (qp.to(tl.float32) * scale_log2).to(qp.dtype)
+    qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, t_rel - t_in_page, scale_log2,
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, trained_length - t_in_page, scale_log2,
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    # the page of a row's capped window pairs, relative to the anchor: floor_B(t_rel - L - 1),
+    # taken on a non-negative numerator
+    lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
+    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
+    qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, capped_page_rel + trained_length - t_in_page,
+                                 scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    # ---- the global pages: the first num_global pages of the list, slots = positions ----
-    # Pages whose base is before t0 - L are past the distance limit for every row: capped
-    # alone (the usual case once a stream is longer than L); the rest both cases.
-    global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
-    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
-    far_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
-    for j_lo in tl.range(0, far_keys, FAR_BLOCK_N, num_stages=1):
-        acc, m_i, l_i = attend_far_global(
-            acc, m_i, l_i, j_lo, far_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
-            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
-    for j_lo in tl.range(far_keys, global_keys, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
-        acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
-            qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
-            stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
-            GENERAL_BLOCK_N)
-
     # ---- the window pages: contiguous positions from the list's first window page, at
     # slot global_keys (+ j - window_base); keys from the first one some row sees to t1 ----
+    global_keys = tl.cdiv(tl.minimum(n_global, tile_last + 1), PAGE_SIZE) * PAGE_SIZE
     global_pages = global_keys // PAGE_SIZE
     first_window = tl.load(base_ptr + n * stride_page_n + global_pages,
                            mask=global_pages < num_pages, other=-1)
@@ -395,40 +468,61 @@ def lambda_prefill_kernel(
     slot_of = global_keys - window_base
     j_start = tl.maximum(window_base, t0 - n_local + 1)
     j_end = t1 + 1
-    # pages with base < t1 - L can be past the distance limit for some row: both cases
+    # pages with base < t1 - L can be past the distance limit for some row: [j_start, j_exact)
     capped_end = tl.cdiv(tl.maximum(t1 - trained_length, 0), PAGE_SIZE) * PAGE_SIZE
     j_exact = tl.maximum(j_start, tl.minimum(capped_end, j_end))
+
+    # ---- the window's capped pairs first (then qw holds no registers through the loops
+    # below; the exact query is the only one the window's exact pairs need) ----
     for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
+        acc, m_i, l_i = attend_window_capped(
+            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, t_rel, anchor, qw1, qw2, qp,
+            keys, values, n_local, trained_length,
+            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, GENERAL_BLOCK_N)
+
+    # ---- the global pages: the first num_global pages of the list, slots = positions ----
+    # Pages whose base is before t0 - L are past the distance limit for every row: capped
+    # alone (the usual case once a stream is longer than L); the rest both cases.
+    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+    far_global_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
+    for j_lo in tl.range(0, far_global_keys, FAR_BLOCK_N, num_stages=1):
+        acc, m_i, l_i = attend_far_global(
+            acc, m_i, l_i, j_lo, far_global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
+    for j_lo in tl.range(far_global_keys, global_keys, GENERAL_BLOCK_N,
+                         num_stages=GENERAL_STAGES):
         acc, m_i, l_i = attend_general(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, n, kv_head, t_rel, anchor,
+            acc, m_i, l_i, j_lo, j_lo, global_keys, n, kv_head, t_rel, anchor,
             qe1, qe2, qc1, qc2, qp, keys, values, kv_ptr, block_ptr,
             stride_kb, stride_kh, stride_ks, stride_page_n, n_global, n_local, trained_length,
             PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, IS_NEOX,
             GENERAL_BLOCK_N)
-    # the rest is exact, from the dense copy, in three runs: masked at the window's far edge
-    # [j_exact, edge_end) (keys some row is already past), unmasked in the middle
-    # [edge_end, middle_end) (whole BLOCK_N blocks every row sees: first key inside the
-    # last row's window, last key <= t0), masked on the diagonal [middle_end, t1]. The masked
-    # runs take EDGE_BLOCK_N keys per block: a mask over a BLOCK_M x BLOCK_N block costs
-    # registers the unmasked loop needs for its pipeline.
-    edge_keys = tl.maximum(t1 - n_local + 1 - j_exact, 0)
-    edge_end = tl.minimum(j_exact + tl.cdiv(edge_keys, EDGE_BLOCK_N) * EDGE_BLOCK_N, j_end)
-    middle_end = edge_end + tl.maximum(t0 + 1 - edge_end, 0) // BLOCK_N * BLOCK_N
-    for j_lo in tl.range(j_exact, edge_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
+
+    # ---- the window's exact pairs, with the exact query alone ----
+    # Three runs: masked at the window's far edge [j_start, far_end) (keys some row is
+    # already past, or sees past L), unmasked in the middle [far_end, middle_end) (whole
+    # BLOCK_N blocks every row sees exactly: first key inside the last row's window and
+    # exact for it, last key <= t0), masked on the diagonal [middle_end, t1]. Both masked
+    # runs are one loop (one pipeline) of EDGE_BLOCK_N-key blocks: a mask over a BLOCK_M x
+    # BLOCK_N block costs registers the unmasked loop needs for its pipeline.
+    far_keys = tl.maximum(tl.maximum(t1 - n_local + 1, j_exact) - j_start, 0)
+    far_blocks = tl.cdiv(far_keys, EDGE_BLOCK_N)
+    far_end = tl.minimum(j_start + far_blocks * EDGE_BLOCK_N, j_end)
+    middle_end = far_end + tl.maximum(t0 + 1 - far_end, 0) // BLOCK_N * BLOCK_N
+    masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
+    for i in tl.range(0, masked_blocks, num_stages=EDGE_STAGES):
+        j_lo = tl.where(i < far_blocks, j_start + i * EDGE_BLOCK_N,
+                        middle_end + (i - far_blocks) * EDGE_BLOCK_N)
         acc, m_i, l_i = attend_window(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
-    for j_lo in tl.range(edge_end, middle_end, BLOCK_N):
+            keys, values, n_local, trained_length,
+            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+    for j_lo in tl.range(far_end, middle_end, BLOCK_N):
         acc, m_i, l_i = attend_window(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    for j_lo in tl.range(middle_end, j_end, EDGE_BLOCK_N, num_stages=EDGE_STAGES):
-        acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local,
-            HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+            keys, values, n_local, trained_length,
+            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
 
     d = tl.arange(0, HEAD_DIM_PAD)
     if TO_STEP_ROWS:
@@ -478,11 +572,13 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int =
     return keys, values
 
 
-def block_shape(config, dtype: torch.dtype) -> dict:
-    """The default block shape for this window and dtype."""
+def block_shape(config, dtype: torch.dtype, head_dim: int) -> dict:
+    """The default block shape for this window, dtype and head size."""
     if dtype == torch.float32:
         return FLOAT32_BLOCKS
-    return LONG_WINDOW_BLOCKS if config.n_local >= LONG_WINDOW else SHORT_WINDOW_BLOCKS
+    if config.n_local < LONG_WINDOW:
+        return SHORT_WINDOW_BLOCKS
+    return LONG_WINDOW_SMALL_HEAD_BLOCKS if head_dim <= SMALL_HEAD else LONG_WINDOW_BLOCKS
 
 
 def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotation,
@@ -493,12 +589,12 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     given the step's output [T_all, H, D], writes the group's rows there in its dtype (what
     the backend does: no float32 copy to convert and scatter afterwards) and returns it.
     rotation must have angles_needed(plan.config, T) rows (QueryRotation.with_angles).
-    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length
-    and the dtype (block_shape).
+    blocks: any of LONG_WINDOW_BLOCKS' keys, over the shape chosen by the window's length,
+    the dtype and the head size (block_shape).
     """
     check_inputs(plan.config, group, query, kv_cache, rotation, decode=False)
     config = plan.config
-    shape = block_shape(config, query.dtype)
+    shape = block_shape(config, query.dtype, query.shape[2])
     unknown = set(blocks) - set(shape)
     if unknown:
         raise TypeError(f"lminf triton_prefill: unknown block arguments {sorted(unknown)}")

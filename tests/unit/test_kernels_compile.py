@@ -88,12 +88,14 @@ def benchmark_case(position, chunk, gqa=4, head_dim=128, page_size=16, n_local=4
     # a short window: the other block shape (triton_prefill.SHORT_WINDOW_BLOCKS)
     (triton_prefill, ("turn_pages_kernel", "lambda_prefill_kernel"), (1_000_000, 4096, 4, 128,
                                                                        16, 256)),
+    # a long window with small heads: LONG_WINDOW_SMALL_HEAD_BLOCKS
+    (triton_prefill, ("turn_pages_kernel", "lambda_prefill_kernel"), (1_000_000, 4096, 4, 64)),
     # one request: the launcher splits its pages, so the merge kernel runs too
     (triton_decode, ("lambda_decode_kernel", "merge_splits_kernel"), (1_000_000, 1)),
     # float32 (IEEE products): its own block shapes must fit
     (triton_decode, ("lambda_decode_kernel", "merge_splits_kernel"), (1_000_000, 1, 4, 128, 16,
                                                                        4096, torch.float32)),
-], ids=["prefill", "prefill_short_window", "decode", "decode_float32"])
+], ids=["prefill", "prefill_short_window", "prefill_small_head", "decode", "decode_float32"])
 def test_kernels_compile_for_h100(module, kernels, case, monkeypatch):
     captured = {name: CapturedKernel(getattr(module, name)) for name in kernels}
     for name, stand_in in captured.items():

@@ -136,9 +136,10 @@ def test_kernels_match_reference(name):
         ref = reference.attend_group(plan, group, query, kv_cache, rotation, scale)
         # small blocks, so that tiles span several row blocks and every loop of the kernel
         # runs (masked blocks narrower than unmasked ones, as in the defaults); then the
-        # default shape for this window and the long windows' shape
+        # default shape for this window and the long windows' shapes (both head sizes)
         for blocks in (dict(block_m=32, block_n=32, edge_block_n=16, general_block_n=16,
-                            far_block_n=16), {}, triton_prefill.LONG_WINDOW_BLOCKS):
+                            far_block_n=16), {}, triton_prefill.LONG_WINDOW_BLOCKS,
+                       triton_prefill.LONG_WINDOW_SMALL_HEAD_BLOCKS):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
                                               **blocks)
             _assert_matches(out, ref, group, case["dtype"], f"{name} prefill kernel {blocks}")
