@@ -7,9 +7,15 @@ n_local - 1 tokens past the global prefix. So a prompt of P tokens can be comput
 global prefix plus its last R = num_layers · (n_local - 1) + 1 tokens, the keys between them
 absent and every computed token at its true position: the last token's output, and every key
 and value a later query can see, equal those of the full computation.
+
+`tail_start` is how the engine uses it: the start of a page-aligned computed tail, which the
+scheduler jumps to once the global prefix is computed and below which the tail's queries
+list no page.
 """
 
 from __future__ import annotations
+
+from lminf_vllm.config import LMInfConfig
 
 
 def _check_positive(name: str, value: int, minimum: int) -> None:
@@ -55,3 +61,37 @@ def first_exact_position(skipped: range, n_local: int, layers_applied: int) -> i
     if not skipped:
         return 0
     return skipped.stop + layers_applied * (n_local - 1)
+
+
+def tail_start(prompt_tokens: int, n_global: int, n_local: int, num_layers: int,
+               page_size: int) -> int:
+    """Where the computed tail of a prompt starts in the engine, or 0 when nothing is skipped.
+
+    The last page boundary b at or below P - R, so the tail is whole pages and its queries
+    can leave out every page below b instead of masking keys. Kept only when no window of
+    the tail reaches the pinned pages (b - (n_local - 1) >= G·B): their keys past n_global
+    are local keys, which the tail must not see (a page-level rule cannot drop them), and
+    nor can a skip that short save much.
+
+    Whatever is computed below b (the global prefix, and a first chunk that may run past
+    it), queries at t >= b see only the global prefix and [b, t]: the theorem of
+    docs/design.md with s = b, so the last token's output and the state are exact.
+    """
+    _check_positive("page_size", page_size, 1)
+    skipped = skipped_positions(prompt_tokens, n_global, n_local, num_layers)
+    start = skipped.stop - skipped.stop % page_size
+    pinned_tokens = -(-n_global // page_size) * page_size
+    skips_something = start > n_global
+    return start if skips_something and start - (n_local - 1) >= pinned_tokens else 0
+
+
+def request_tail_start(config: LMInfConfig, prompt_tokens: int,
+                       needs_every_output: bool) -> int:
+    """`tail_start` for one request of an engine, or 0 where it computes every token: the
+    engine has receptive-field prefill off (config.receptive_field_layers == 0), or the
+    request reads the output of every prompt token (prompt logprobs, pooling). The
+    scheduler (which jumps) and the metadata builder (which plans) both decide here."""
+    if needs_every_output or not config.receptive_field_layers:
+        return 0
+    return tail_start(prompt_tokens, config.n_global, config.n_local,
+                      config.receptive_field_layers, config.page_size)

@@ -10,13 +10,14 @@ bound is tight. Also checked, per layer: exactly which computed positions are ex
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from oracle import Float64Llama
 from random_llama import random_llama
 from lminf_vllm.receptive_field import (first_exact_position, receptive_field_tokens,
-                                        skipped_positions)
+                                        skipped_positions, tail_start)
 
 # Both sides are float64 through the same oracle functions; only the order of the softmax
 # sums differs (absent keys vs masked ones), ~1e-15. The smallest real difference seen at
@@ -208,3 +209,70 @@ def test_first_exact_position_counts_one_window_per_layer():
 def test_bad_arguments_are_refused(call):
     with pytest.raises(ValueError, match="receptive_field: "):
         call()
+
+
+@pytest.mark.parametrize("prompt_tokens, n_global, n_local, layers, page_size, expected", [
+    (4096, 64, 256, 6, 16, 2560),   # the tiny model at 16L: P - R = 2565, down to a page
+    (1600, 64, 256, 6, 16, 0),      # P - R = 69: the tail's window would reach the pins
+    (1851, 64, 256, 6, 16, 320),    # the shortest prompt whose tail clears them: 320 - 255
+    (1850, 64, 256, 6, 16, 0),      # = 65 >= G·B = 64; one token less, 304 - 255 < 64
+    (200, 0, 5, 3, 4, 184),         # no global prefix: P - R = 187
+    (200, 5, 5, 3, 4, 184),         # n_global not page-aligned
+    (14, 5, 4, 3, 4, 0),            # nothing to skip
+    (81, 64, 1, 6, 16, 80),         # n_local = 1: the window is the query itself
+    (70, 64, 1, 6, 16, 0),          # P - R = 69: no whole page to skip
+])
+def test_tail_start(prompt_tokens, n_global, n_local, layers, page_size, expected):
+    start = tail_start(prompt_tokens, n_global, n_local, layers, page_size)
+    assert start == expected
+    if start:  # page-aligned, at or below P - R, its windows clear of the pinned pages
+        assert start % page_size == 0
+        assert start <= prompt_tokens - receptive_field_tokens(layers, n_local)
+        assert start - (n_local - 1) >= -(-n_global // page_size) * page_size
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu"])
+def test_paged_tail_never_reads_a_skipped_slot(path):
+    """The engine's rule on the paged cache: after a first chunk past the global prefix,
+    a jump to the page-aligned tail start b, then the tail in chunks through the ring,
+    every tail query sees the global prefix and [b, t] only. The cache starts as NaN, so a
+    skipped slot read anywhere poisons the output; the oracle has the skipped keys absent."""
+    from test_reference import PATHS, Case as PagedCase, rotation_table, step
+
+    import oracle
+    from lminf_vllm.config import LMInfConfig
+
+    page_size, n_global, n_local, trained_length, chunk = 4, 5, 6, 12, 8
+    prompt_tokens, first_chunk, start = 80, 8, 40
+    heads, kv_heads, head_dim = 4, 2, 8
+    config = LMInfConfig(n_global, n_local, trained_length, page_size, chunk)
+    assert start - (n_local - 1) >= config.num_pinned_pages * page_size  # as tail_start keeps
+    width = config.num_pinned_pages + config.num_ring_pages
+    block_table = torch.randperm(width + 3)[:width][None]
+    cache = torch.full((width + 3, kv_heads, page_size, 2 * head_dim), float("nan"))
+    inv_freq = oracle.default_inv_freq(head_dim)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(prompt_tokens, h, head_dim, generator=generator,
+                           dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    frame = lambda x, positions: oracle.rope_rotate(x, (positions % page_size)[:, None],
+                                                    inv_freq)
+    paged = PagedCase(page_size, n_global, n_local, trained_length, heads, kv_heads, head_dim,
+                      head_dim, "neox", chunk, True, [])
+    computed = [range(0, first_chunk)] + [range(s, min(s + chunk, prompt_tokens))
+                                          for s in range(start, prompt_tokens, chunk)]
+    outputs = []
+    for chunk_range in computed:
+        positions = torch.arange(chunk_range.start, chunk_range.stop)
+        out, = step(config, cache, block_table, config.num_ring_pages,
+                    [(0, chunk_range.stop, frame(q[positions], positions),
+                      frame(k[positions], positions), v[positions])],
+                    attend=PATHS[path], rotation=rotation_table(paged, inv_freq),
+                    scale=head_dim ** -0.5, tail_start=np.array([start]))
+        outputs.append(out)
+    tail = torch.arange(start, prompt_tokens)
+    present = torch.cat([torch.arange(first_chunk), tail])
+    expected = oracle.lambda_attention(q[tail], k[present], v[present], tail, n_global,
+                                       n_local, trained_length, page_size, inv_freq,
+                                       scale=head_dim ** -0.5, key_positions=present)
+    error = (torch.cat(outputs[1:]).double() - expected).abs().max()
+    assert float(error) < 3e-5, f"tail off by {float(error):.2e} (NaN: a skipped slot read)"

@@ -73,12 +73,15 @@ PATHS = {"reference": reference.attend, "cpu": run,
          "cpu-one-tile-per-batch": cpu_one_tile_per_batch}
 
 
-def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0):
-    """One engine step. batch: [(request row, context after step, q, k, v for its queries)]."""
+def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0,
+         tail_start=None):
+    """One engine step. batch: [(request row, context after step, q, k, v for its queries)];
+    tail_start: per batch entry, as StepPlanner.plan."""
     rows = [b[0] for b in batch]
     query_lens = [len(b[2]) for b in batch]
     plan = build_plan(config, np.concatenate([[0], np.cumsum(query_lens)]),
-                      np.array([b[1] for b in batch]), block_table[rows], ring_pages)
+                      np.array([b[1] for b in batch]), block_table[rows], ring_pages,
+                      tail_start=tail_start)
     cat = lambda i: torch.cat([b[i] for b in batch]).float()
     write_kv(plan, cat(3), cat(4), cache)
     if attend:
