@@ -44,7 +44,7 @@ def rss_bytes() -> int:
 
 def build_scheduler(*, max_model_len: int, block_size: int, n_global: int, n_local: int,
                     trained_length: int, max_num_seqs: int, max_num_batched_tokens: int,
-                    num_blocks: int):
+                    num_blocks: int, receptive_field_prefill: bool = True):
     """A real vLLM Scheduler whose single KV cache group has the LMINF ring spec.
 
     The engine config comes from EngineArgs.create_engine_config, the path `LLM(...)` and
@@ -67,7 +67,8 @@ def build_scheduler(*, max_model_len: int, block_size: int, n_global: int, n_loc
         max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=True,
         additional_config={"lminf": {"n_global": n_global, "n_local": n_local,
-                                     "trained_length": trained_length}},
+                                     "trained_length": trained_length,
+                                     "receptive_field_prefill": receptive_field_prefill}},
     ).create_engine_config()
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     config = lminf_config.from_vllm_config(vllm_config)
@@ -85,11 +86,13 @@ def build_scheduler(*, max_model_len: int, block_size: int, n_global: int, n_loc
     return scheduler, config
 
 
-def make_request(request_id: str, prompt_token_ids: list[int], max_tokens: int):
+def make_request(request_id: str, prompt_token_ids: list[int], max_tokens: int,
+                 prompt_logprobs: int | None = None):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0,
+                            prompt_logprobs=prompt_logprobs)
     params.update_from_generation_config({}, None)
     return Request(request_id, prompt_token_ids, params, None)
 
@@ -125,7 +128,8 @@ def run(args) -> dict:
         max_model_len=args.max_model_len, block_size=args.block_size,
         n_global=args.n_global, n_local=args.n_local, trained_length=args.trained_length,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        num_blocks=args.num_blocks)
+        # the whole stream passes through the ring: no prompt middle skipped
+        num_blocks=args.num_blocks, receptive_field_prefill=False)
     pool = scheduler.kv_cache_manager.block_pool
     pages_per_request = config.num_pinned_pages + config.num_ring_pages
     free_at_start = pool.get_num_free_blocks()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.v1.attention.backend import (
@@ -23,9 +24,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from lminf_vllm import BACKEND_NAME, attention, engine_context
+from lminf_vllm import BACKEND_NAME, attention, engine_context, receptive_field
 from lminf_vllm import config as lminf_config
 from lminf_vllm.kv_cache import LMInfSpec
+from lminf_vllm.patches.receptive_field_prefill import needs_every_output
 
 
 class LMInfBackend(AttentionBackend):
@@ -132,11 +134,11 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
                                "(patches/layer_kv_spec.py)")
         refuse_speculative_decoding(vllm_config)
         self.config = lminf_config.from_vllm_config(vllm_config)
+        self.engine = engine_context.of(vllm_config)
         refuse_capture_batches_past_the_chunk_cap(vllm_config, self.config)
         attention.check_impl(self.config, device, lminf_config.triton_interpreter_on())
         self.rotation = attention.rotation_for(
-            engine_context.of(vllm_config).query_rotation(kv_cache_spec.head_size),
-            self.config, device)
+            self.engine.query_rotation(kv_cache_spec.head_size), self.config, device)
         scheduler = vllm_config.scheduler_config
         graph_mode = vllm_config.compilation_config.cudagraph_mode
         full_graphs = graph_mode is not None and graph_mode.has_full_cudagraphs()
@@ -165,9 +167,25 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             seq_lens=seq_lens[:num_reqs].numpy(),
             block_table=meta.block_table_tensor[:num_reqs],
             num_tokens=meta.num_actual_tokens,
+            tail_start=self._tail_starts(num_reqs),
         )
         return LMInfMetadata(plan=plan, rotation=self.rotation,
                              num_actual_tokens=meta.num_actual_tokens)
+
+    def _tail_starts(self, num_reqs: int) -> np.ndarray | None:
+        """[num_reqs] each row's receptive-field tail start (0: none), as the scheduler
+        jumps to it (patches/receptive_field_prefill.py); None when the engine skips
+        nothing. Rows are the runner's input-batch rows, in order; rows past its requests
+        (padding, dummy batches) have none."""
+        runner = self.engine.model_runner() if self.engine.model_runner else None
+        if not self.config.receptive_field_layers or runner is None:
+            return None
+        starts = np.zeros(num_reqs, dtype=np.int64)
+        for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+            request = runner.requests[req_id]
+            starts[row] = receptive_field.request_tail_start(
+                self.config, request.num_prompt_tokens, needs_every_output(request))
+        return starts
 
     def build_for_cudagraph_capture(
             self, common_attn_metadata: CommonAttentionMetadata) -> LMInfMetadata:

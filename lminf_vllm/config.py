@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 ADDITIONAL_CONFIG_KEY = "lminf"
 ALLOWED_KEYS = ("n_global", "n_local", "trained_length", "max_prefill_chunk_tokens",
-                "attention_impl")
+                "attention_impl", "receptive_field_prefill")
 # Which attention path runs: "auto" (the Triton kernels on CUDA, the CPU path elsewhere),
 # "reference" (the PyTorch reference on any device), "triton" (the kernels on any device;
 # on the CPU only under the Triton interpreter, TRITON_INTERPRET=1).
@@ -55,6 +55,9 @@ class LMInfConfig:
     page_size [B]: vLLM's block size; keys are stored rotated by their offset in the page.
     max_prefill_chunk_tokens: the largest prefill chunk one request gets in one step; the
         ring of pages must hold n_local plus this.
+    receptive_field_layers: the attention layers n of receptive-field prefill (a prompt
+        without prompt logprobs computes its global prefix and last n·(n_local - 1) + 1
+        tokens: lminf_vllm/receptive_field.py); 0 when it is off.
     """
 
     n_global: int
@@ -63,6 +66,7 @@ class LMInfConfig:
     page_size: int
     max_prefill_chunk_tokens: int
     attention_impl: str = "auto"
+    receptive_field_layers: int = 0
 
     def __post_init__(self) -> None:
         _check_int("page_size (--block-size)", self.page_size, 1, None)
@@ -73,6 +77,7 @@ class LMInfConfig:
         _check_int("n_local", self.n_local, 1, self.trained_length,
                    hint="the window cannot exceed the distance limit L")
         _check_int("max_prefill_chunk_tokens", self.max_prefill_chunk_tokens, 1, None)
+        _check_int("receptive_field_layers", self.receptive_field_layers, 0, None)
         if self.attention_impl not in ATTENTION_IMPLS:
             raise LMInfConfigError(
                 f"lminf: attention_impl={self.attention_impl!r} is not one of "
@@ -184,9 +189,12 @@ def default_trained_length(hf_config: Any) -> int:
 
 
 def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: Any,
-                 max_num_batched_tokens: int,
-                 sliding_window: int | None = None) -> LMInfConfig:
-    """The validated config for one model; raises LMInfConfigError naming the problem."""
+                 max_num_batched_tokens: int, sliding_window: int | None = None,
+                 receptive_field_layers: int = 0) -> LMInfConfig:
+    """The validated config for one model; raises LMInfConfigError naming the problem.
+
+    receptive_field_layers: the model's attention layers where the engine can skip (see
+    `receptive_field_layers`); the user's receptive_field_prefill=false turns it to 0."""
     unknown = sorted(set(parameters) - set(ALLOWED_KEYS))
     if unknown:
         raise LMInfConfigError(
@@ -206,7 +214,30 @@ def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: An
             "max_prefill_chunk_tokens",
             default_prefill_chunk_tokens(n_local, page_size, max_num_batched_tokens)),
         attention_impl=parameters.get("attention_impl", "auto"),
+        receptive_field_layers=(receptive_field_layers
+                                if receptive_field_prefill(parameters) else 0),
     )
+
+
+def receptive_field_prefill(parameters: Mapping[str, Any]) -> bool:
+    """The user's switch for receptive-field prefill: on unless receptive_field_prefill is
+    false (then every prompt token is computed)."""
+    value = parameters.get("receptive_field_prefill", True)
+    if not isinstance(value, bool):
+        raise LMInfConfigError(
+            f"lminf: receptive_field_prefill={value!r} must be true or false")
+    return value
+
+
+def receptive_field_layers(vllm_config: Any) -> int:
+    """The attention layers receptive-field prefill counts, or 0 where the engine cannot
+    skip: model runner v2 (its metadata builder has no per-request prompt lengths yet), and
+    models where something besides attention mixes positions (hybrid, attention-free)."""
+    model_config = vllm_config.model_config
+    if (vllm_config.use_v2_model_runner or model_config.is_hybrid
+            or model_config.is_attention_free):
+        return 0
+    return model_config.get_total_num_hidden_layers()
 
 
 def default_prefill_chunk_tokens(n_local: int, page_size: int,
@@ -235,4 +266,5 @@ def from_vllm_config(vllm_config: Any) -> LMInfConfig:
         hf_config=model_config.hf_text_config,
         max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
         sliding_window=model_config.get_sliding_window(),
+        receptive_field_layers=receptive_field_layers(vllm_config),
     )

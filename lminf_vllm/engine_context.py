@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,10 +29,14 @@ _contexts: dict[int, "EngineContext"] = {}
 @dataclass
 class EngineContext:
     """rotary_embeddings: get_rope's instance cache for this engine (key -> module).
-    page_local_ropes: every page-local RoPE module this engine's model built."""
+    page_local_ropes: every page-local RoPE module this engine's model built.
+    model_runner: a weak reference to this worker's v1 model runner
+    (patches/runner_for_builders.py), whose requests the metadata builder reads per row;
+    None where none was published."""
 
     rotary_embeddings: dict[Any, Any] = field(default_factory=dict)
     page_local_ropes: list[Any] = field(default_factory=list)
+    model_runner: Callable[[], Any] | None = None
 
     def query_rotation(self, head_size: int):
         """The QueryRotation of the engine's RoPE with this head size (one table only)."""

@@ -103,8 +103,10 @@ class LMInfManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: LMInfSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.counters = metrics.RingCounters()
-        # request id -> (tokens, logical pages) of its stream so far, for the counters
+        # request id -> (tokens, pages written) of its stream so far, for the counters
         self._stream_extent: dict[str, tuple[int, int]] = {}
+        # request id -> logical pages its receptive-field prefill skipped (never written)
+        self._skipped_pages: dict[str, int] = {}
 
     @property
     def has_positionally_stable_blocks(self) -> bool:
@@ -146,15 +148,30 @@ class LMInfManager(FullAttentionManager):
         tokens_before, pages_before = self._stream_extent.get(request_id, (0, 0))
         if num_tokens > tokens_before:
             spec = self.kv_cache_spec
-            pages = cdiv(num_tokens, self.block_size)
+            pages = cdiv(num_tokens, self.block_size) - self._skipped_pages.get(request_id, 0)
             self.counters.on_stream_growth(pages_before, pages, tokens_before, num_tokens,
                                            spec.num_pages_per_request, spec.trained_length)
             self._stream_extent[request_id] = (num_tokens, pages)
         return self._claim(request_id, num_tokens)
 
+    def on_prompt_skipped(self, request_id: str, skip_start: int, tail_start: int) -> None:
+        """Receptive-field prefill jumped the request from skip_start to the page-aligned
+        tail_start (patches/receptive_field_prefill.py): count the tokens, and keep the
+        ring counters to the slots actually written (the tail continues the stream's
+        pages where the prefix left them, at tail_start's true positions)."""
+        self.counters.prompt_tokens_skipped += tail_start - skip_start
+        self._skipped_pages[request_id] = (tail_start // self.block_size
+                                           - cdiv(skip_start, self.block_size))
+        tokens, pages = self._stream_extent.get(request_id, (0, 0))
+        trained_length = self.kv_cache_spec.trained_length
+        self.counters.requests_past_trained_length += (int(tail_start > trained_length)
+                                                       - int(tokens > trained_length))
+        self._stream_extent[request_id] = (tail_start, pages)
+
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         blocks = super().pop_blocks_for_free(request_id)
         self.counters.on_blocks_held(len(blocks), 0, self.kv_cache_spec.num_pinned_pages)
+        self._skipped_pages.pop(request_id, None)
         tokens, _ = self._stream_extent.pop(request_id, (0, 0))
         self.counters.on_stream_end(tokens, self.kv_cache_spec.trained_length)
         return blocks

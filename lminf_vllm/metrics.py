@@ -23,6 +23,7 @@ class RingCounters:
     ring_pages_overwritten: int = 0
     tokens_past_trained_length: int = 0
     requests_past_trained_length: int = 0
+    prompt_tokens_skipped: int = 0  # receptive-field prefill (patches/receptive_field_prefill)
 
     def on_stream_growth(self, pages_before: int, pages_after: int, tokens_before: int,
                          tokens_after: int, pages_per_request: int,
@@ -69,6 +70,9 @@ SERIES: tuple[Series, ...] = (
            "KV slots written at positions at or past the trained length L"),
     Series("requests_past_trained_length", "lminf:requests_past_trained_length", "gauge",
            "Live requests whose stream is longer than the trained length L"),
+    Series("prompt_tokens_skipped", "lminf:prompt_tokens_skipped", "counter",
+           "Prompt tokens never computed by receptive-field prefill (outside the global "
+           "prefix and the last n_layers * (n_local - 1) + 1 tokens)"),
 )
 
 # Page counts are per KV cache group (each group claims its own blocks), so they add up over

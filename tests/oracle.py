@@ -10,7 +10,9 @@ Contents:
     a 4,096-token sequence fits in memory; checked against ``lambda_attention`` in
     ``tests/unit/test_oracle.py``.
   * ``Float64Llama``: a float64 Llama forward read straight from safetensors (no transformers
-    model classes), giving per-token prompt log-probabilities in "dense" or "lminf" mode.
+    model classes), giving per-token prompt log-probabilities in "dense" or "lminf" mode,
+    and logits and per-layer keys/values of a prompt computed whole or at chosen positions
+    only (the others absent: receptive-field prefill).
   * ``Float64HFModel``: any transformers causal LM in float64 with section-2 attention, its
     RoPE from ``served_rope`` (the table vLLM serves for the config), for the model families.
   * ``perplexity_by_segment``.
@@ -104,6 +106,7 @@ def lambda_attention(
     style: str = "neox",
     scale: float | None = None,
     dense: bool = False,
+    key_positions=None,
 ) -> torch.Tensor:
     """LM-Infinite attention, DESIGN section 2, evaluated literally one query at a time.
 
@@ -114,24 +117,30 @@ def lambda_attention(
     softmax over the visible keys, output = sum_j p_j v_j.
     dense=True is plain causal attention: every j <= t visible, distance t - j.
 
-    q: [T, H, D] unrotated queries; k, v: [S, Hkv, D] unrotated, key j at position j;
-    query_positions: [T] absolute positions, each < S. GQA: query head h reads KV head
-    h // (H / Hkv). scale defaults to 1 / sqrt(D). Returns [T, H, D] float64.
+    q: [T, H, D] unrotated queries; k, v: [S, Hkv, D] unrotated; query_positions: [T]
+    absolute positions. key_positions: [S] absolute positions of the keys, default 0..S-1;
+    a position missing from it is a key that is absent (as in receptive-field prefill,
+    where the middle of a prompt is never computed), and each query's own position must be
+    present. GQA: query head h reads KV head h // (H / Hkv). scale defaults to 1 / sqrt(D).
+    Returns [T, H, D] float64.
     """
     q, k, v = _float64(q), _float64(k), _float64(v)
     query_positions = torch.as_tensor(query_positions, dtype=torch.long)
     num_keys, num_kv_heads, head_size = k.shape
     num_q_heads = q.shape[1]
     group = _check_heads_and_window(num_q_heads, num_kv_heads, n_local, dense)
-    last_query = int(query_positions.max())
-    if last_query >= num_keys:
-        raise ValueError(f"oracle: query position {last_query} has no key (only {num_keys} keys)")
+    j = (torch.arange(num_keys) if key_positions is None
+         else torch.as_tensor(key_positions, dtype=torch.long))
+    if j.shape != (num_keys,):
+        raise ValueError(f"oracle: {tuple(j.shape)} key positions for {num_keys} keys")
+    keyless = query_positions[~torch.isin(query_positions, j)]
+    if keyless.numel():
+        raise ValueError(f"oracle: query position {int(keyless[0])} has no key of its own")
     if scale is None:
         scale = head_size**-0.5
 
     kv_head = torch.arange(num_q_heads) // group
     k_per_q_head, v_per_q_head = k[:, kv_head], v[:, kv_head]  # [S, H, D]
-    j = torch.arange(num_keys)
     out = torch.empty_like(q)
     for i, t in enumerate(query_positions.tolist()):
         causal = j <= t
@@ -269,7 +278,8 @@ class Float64Llama:
             self.embed_tokens if config.get("tie_word_embeddings") else weights["lm_head.weight"]
         )
 
-    def _layer(self, i: int, hidden: torch.Tensor, attention_kwargs: dict) -> torch.Tensor:
+    def _layer(self, i: int, hidden: torch.Tensor, attend) -> tuple[torch.Tensor, ...]:
+        """(hidden after layer i, that layer's unrotated k, v [N, Hkv, D])."""
         def w(name: str) -> torch.Tensor:
             return self.weights[f"model.layers.{i}.{name}.weight"]
 
@@ -279,16 +289,13 @@ class Float64Llama:
         q = (x @ w("self_attn.q_proj").T).view(num_tokens, self.num_q_heads, self.head_size)
         k = (x @ w("self_attn.k_proj").T).view(num_tokens, self.num_kv_heads, self.head_size)
         v = (x @ w("self_attn.v_proj").T).view(num_tokens, self.num_kv_heads, self.head_size)
-        attn = causal_lambda_attention(
-            q, k, v, inv_freq=self.inv_freq, style="neox", **attention_kwargs
-        )
-        hidden = hidden + attn.reshape(num_tokens, -1) @ w("self_attn.o_proj").T
+        hidden = hidden + attend(q, k, v).reshape(num_tokens, -1) @ w("self_attn.o_proj").T
 
         x = _rms_norm(hidden, w("post_attention_layernorm"), self.rms_norm_eps)
         gated = torch.nn.functional.silu(x @ w("mlp.gate_proj").T) * (x @ w("mlp.up_proj").T)
-        return hidden + gated @ w("mlp.down_proj").T
+        return hidden + gated @ w("mlp.down_proj").T, k, v
 
-    def prompt_logprobs(
+    def forward(
         self,
         token_ids,
         *,
@@ -297,23 +304,46 @@ class Float64Llama:
         n_local: int = 256,
         L: int = 256,
         B: int = 16,
-    ) -> np.ndarray:
-        """log p(token[i+1] | token[0..i]) for i = 0..len-2, as float64 [len - 1].
+        positions=None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(logits [N, vocab], each layer's unrotated (k, v), [N, Hkv, D]) of N tokens.
 
-        mode "dense": plain causal attention; "lminf": DESIGN section 2 attention in every layer.
+        positions: the positions computed, ascending; default every position 0..len-1. The
+        tokens of the other positions are absent (no query, no key), and the computed ones
+        keep their absolute positions in the mask and the distance: receptive-field prefill.
+        mode "dense": plain causal attention; "lminf": DESIGN section 2 in every layer.
         """
         if mode not in ("dense", "lminf"):
             raise ValueError(f"oracle: mode={mode!r} must be 'dense' or 'lminf'")
         token_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-        dense = mode == "dense"
-        attention_kwargs = dict(n_global=n_global, n_local=n_local, L=L, B=B, dense=dense)
+        attention_kwargs = dict(n_global=n_global, n_local=n_local, L=L, B=B,
+                                dense=mode == "dense", inv_freq=self.inv_freq, style="neox")
+        if positions is None:
+            def attend(q, k, v):
+                return causal_lambda_attention(q, k, v, **attention_kwargs)
+        else:
+            positions = torch.as_tensor(positions, dtype=torch.long)
+            token_ids = token_ids[positions]
+
+            def attend(q, k, v):
+                return lambda_attention(q, k, v, positions, key_positions=positions,
+                                        **attention_kwargs)
+        keys_values = []
         with torch.no_grad():
             hidden = self.embed_tokens[token_ids]
             for i in range(self.num_layers):
-                hidden = self._layer(i, hidden, attention_kwargs)
+                hidden, k, v = self._layer(i, hidden, attend)
+                keys_values.append((k, v))
             hidden = _rms_norm(hidden, self.weights["model.norm.weight"], self.rms_norm_eps)
-            logprobs = torch.log_softmax(hidden[:-1] @ self.lm_head.T, dim=-1)
-            return logprobs.gather(1, token_ids[1:, None])[:, 0].numpy()
+            return hidden @ self.lm_head.T, keys_values
+
+    def prompt_logprobs(self, token_ids, **settings) -> np.ndarray:
+        """log p(token[i+1] | token[0..i]) for i = 0..len-2, as float64 [len - 1]; settings
+        (mode, n_global, n_local, L, B) as in ``forward``, every position computed."""
+        logits, _ = self.forward(token_ids, **settings)
+        token_ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)
+        return logprobs.gather(1, token_ids[1:, None])[:, 0].numpy()
 
 
 def served_rope(config) -> tuple[torch.Tensor, str]:

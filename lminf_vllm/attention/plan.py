@@ -102,15 +102,22 @@ def _tiles(query_start_loc: np.ndarray, seq_lens: np.ndarray, tile_queries: int)
 
 
 def visible_pages(first_position: np.ndarray, last_position: np.ndarray,
-                  config: LMInfConfig, min_width: int = 0) -> np.ndarray:
+                  config: LMInfConfig, min_width: int = 0,
+                  tail_start: np.ndarray | None = None) -> np.ndarray:
     """[N, P] logical pages a tile of queries t0..t1 may see, padded with -1 to >= min_width.
 
     The global pages cover positions < n_global (up to t1), the local pages cover
-    t0 - n_local + 1 .. t1; pages in both are listed once.
+    t0 - n_local + 1 .. t1; pages in both are listed once. tail_start: [N] the page-aligned
+    start b of each tile's request's computed tail in receptive-field prefill, 0 for none
+    (receptive_field.tail_start); a tile at or past b lists no local page below it, since
+    the prompt's keys there were skipped and their slots never written.
     """
     page_size = config.page_size
     num_global = -(-np.minimum(config.n_global, last_position + 1) // page_size)
     window_start = np.maximum(first_position - config.n_local + 1, 0)
+    if tail_start is not None:
+        window_start = np.where(first_position >= tail_start,
+                                np.maximum(window_start, tail_start), window_start)
     local_first = np.maximum(rope_frame.logical_page(window_start, page_size), num_global)
     local_last = rope_frame.logical_page(last_position, page_size)
     num_local = np.maximum(local_last - local_first + 1, 0)
@@ -189,7 +196,8 @@ class StepPlanner:
         self.blocks = torch.empty(self.capacity, dtype=torch.int64, device=self.device)
 
     def plan(self, query_start_loc: np.ndarray, seq_lens: np.ndarray,
-             block_table: torch.Tensor, num_tokens: int | None = None) -> AttentionPlan:
+             block_table: torch.Tensor, num_tokens: int | None = None,
+             tail_start: np.ndarray | None = None) -> AttentionPlan:
         """Plan one step; the plan's tensors are views of this planner's arenas, valid until
         the next call.
 
@@ -199,6 +207,8 @@ class StepPlanner:
         block_table:     [num_reqs, width] physical block ids (vLLM's block table)
         num_tokens:      rows of the step's key tensor (>= query_start_loc[-1]); the rows past
                          the requests' queries are padding, stored into PADDING_BLOCK
+        tail_start:      [num_reqs] host ints, each request's receptive-field tail start or
+                         0 (visible_pages); None when nothing is skipped
         """
         config, page_size = self.config, self.config.page_size
         query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
@@ -248,7 +258,8 @@ class StepPlanner:
         for tile_len in np.unique(length):
             sel = np.nonzero(length == tile_len)[0]
             pages = visible_pages(first_position[sel], first_position[sel] + tile_len - 1,
-                                  config, self.min_pages)
+                                  config, self.min_pages,
+                                  None if tail_start is None else tail_start[tile_req[sel]])
             padding = pages < 0
             index = table_index(tile_req[sel][:, None], np.where(padding, 0, pages))
             index[query_lens[tile_req[sel]] == 0] = -1
@@ -310,7 +321,8 @@ class StepPlanner:
 def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.ndarray,
                block_table: torch.Tensor, num_ring_pages: int | None = None,
                tile_queries: int = DEFAULT_TILE_QUERIES, min_pages: int = 0,
-               num_tokens: int | None = None) -> AttentionPlan:
+               num_tokens: int | None = None,
+               tail_start: np.ndarray | None = None) -> AttentionPlan:
     """Plan one step in memory of its own (tests, benchmarks; the backend keeps a
     StepPlanner). Arguments as StepPlanner and StepPlanner.plan."""
     query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
@@ -319,5 +331,5 @@ def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.nd
                           max_num_tokens=max(num_queries, num_tokens or 0),
                           device=block_table.device, num_ring_pages=num_ring_pages,
                           tile_queries=tile_queries, min_pages=min_pages)
-    return planner.plan(query_start_loc, seq_lens, block_table, num_tokens)
+    return planner.plan(query_start_loc, seq_lens, block_table, num_tokens, tail_start)
 

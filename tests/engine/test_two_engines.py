@@ -15,19 +15,16 @@ built for one engine's page size or trained length and reused by another would m
 logprobs by far more than the tolerance (and C would see page-local positions).
 """
 
-import json
 import os
-import shutil
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 from vllm import LLM, SamplingParams
 
 from conftest import MODEL_DIR
 from engine_checks import assert_close, prompt_logprobs
 from oracle import Float64Llama
+from random_llama import random_llama
 
 KV_CACHE_BYTES = 256 << 20  # per engine: three engines share the machine
 A = dict(n_global=64, n_local=256, L=256, B=16)
@@ -35,41 +32,6 @@ B = dict(n_global=16, n_local=64, L=128, B=32)
 SECOND_MODEL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, intermediate_size=256, num_hidden_layers=2,
                     max_position_embeddings=B["L"])
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def random_llama(directory, seed=0):
-    """A Llama checkpoint with random weights: config.json, tokenizer, one safetensors."""
-    config = json.loads((MODEL_DIR / "config.json").read_text())
-    config.update(SECOND_MODEL, dtype="float32")
-    (directory / "config.json").write_text(json.dumps(config))
-    for name in TOKENIZER_FILES:
-        shutil.copy(MODEL_DIR / name, directory / name)
-    generator = torch.Generator().manual_seed(seed)
-    hidden, heads, kv_heads, head_dim, mlp = (config[k] for k in (
-        "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-        "intermediate_size"))
-
-    def weight(*shape):
-        return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
-
-    weights = {"model.embed_tokens.weight": weight(config["vocab_size"], hidden),
-               "model.norm.weight": torch.ones(hidden)}
-    for i in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{i}."
-        weights.update({
-            prefix + "input_layernorm.weight": torch.ones(hidden),
-            prefix + "post_attention_layernorm.weight": torch.ones(hidden),
-            prefix + "self_attn.q_proj.weight": weight(heads * head_dim, hidden),
-            prefix + "self_attn.k_proj.weight": weight(kv_heads * head_dim, hidden),
-            prefix + "self_attn.v_proj.weight": weight(kv_heads * head_dim, hidden),
-            prefix + "self_attn.o_proj.weight": weight(hidden, heads * head_dim),
-            prefix + "mlp.gate_proj.weight": weight(mlp, hidden),
-            prefix + "mlp.up_proj.weight": weight(mlp, hidden),
-            prefix + "mlp.down_proj.weight": weight(hidden, mlp),
-        })
-    save_file(weights, directory / "model.safetensors")
-    return directory
 
 
 def start(model, max_model_len=4096, **kwargs):
@@ -101,7 +63,7 @@ def prompts(val_tokens):
 def engines(tmp_path_factory, prompts):
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    second = random_llama(tmp_path_factory.mktemp("second-model"))
+    second = random_llama(tmp_path_factory.mktemp("second-model"), **SECOND_MODEL)
     try:
         a = start(MODEL_DIR, **lminf(A))
         a_alone = logprobs_of(a, prompts["A"])

@@ -7,7 +7,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["lminf_vllm.rope_frame", "lminf_vllm.config",
-                                    "lminf_vllm.attention"])
+                                    "lminf_vllm.attention", "lminf_vllm.receptive_field"])
 def test_math_modules_do_not_import_vllm(module):
     code = f"import sys, {module}; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -87,3 +87,12 @@ def test_auto_page_size_keeps_pages_small_against_l(trained_length, page_size):
 def test_additional_config_must_be_a_mapping():
     with pytest.raises(LMInfConfigError, match="mapping"):
         lminf_config.user_parameters({"lminf": 5})
+
+
+def test_receptive_field_prefill_switch():
+    common = dict(page_size=16, hf_config=hf_config(), max_num_batched_tokens=512,
+                  receptive_field_layers=6)
+    assert build_config({}, **common).receptive_field_layers == 6  # on by default
+    assert build_config({"receptive_field_prefill": False}, **common).receptive_field_layers == 0
+    with pytest.raises(LMInfConfigError, match="receptive_field_prefill='no' must be true"):
+        build_config({"receptive_field_prefill": "no"}, **common)

@@ -29,11 +29,13 @@ def registered():
     lminf_vllm.register()
 
 
-def make_scheduler(num_blocks=NUM_BLOCKS, max_num_seqs=8, max_num_batched_tokens=512):
+def make_scheduler(num_blocks=NUM_BLOCKS, max_num_seqs=8, max_num_batched_tokens=512,
+                   receptive_field_prefill=True):
     scheduler, config = build_scheduler(
         max_model_len=200_000_000, block_size=PAGE, n_global=N_GLOBAL, n_local=N_LOCAL,
         trained_length=256, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks)
+        max_num_batched_tokens=max_num_batched_tokens, num_blocks=num_blocks,
+        receptive_field_prefill=receptive_field_prefill)
     assert (config.num_pinned_pages, config.num_ring_pages) == (PINNED, RING)
     return scheduler
 
@@ -105,7 +107,8 @@ def test_a_request_holds_at_most_g_plus_r_and_returns_every_block(prompt_tokens)
 
 
 def test_a_two_hundred_million_token_request_is_admitted_with_g_plus_r_blocks():
-    scheduler = make_scheduler(num_blocks=PER_REQUEST + 2)
+    # every token through the ring (receptive-field prefill would skip the middle)
+    scheduler = make_scheduler(num_blocks=PER_REQUEST + 2, receptive_field_prefill=False)
     prompt = [5] * 200_000_000
     scheduler.add_request(make_request("huge", prompt, max_tokens=1))
     del prompt
@@ -178,7 +181,7 @@ def test_ring_counters_reach_scheduler_stats():
     """The manager's counters, as patches/scheduler_stats_lminf.py hands them on each step."""
     from vllm.v1.metrics.stats import PrefixCacheStats
 
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(receptive_field_prefill=False)  # the whole stream written
     # stats on, as `vllm serve` runs (the simulated scheduler is built with them off)
     scheduler.log_stats = scheduler.kv_cache_manager.log_stats = True
     scheduler.kv_cache_manager.prefix_cache_stats = PrefixCacheStats()
@@ -191,13 +194,14 @@ def test_ring_counters_reach_scheduler_stats():
     scheduler.add_request(make_request("r", [5] * prompt_tokens, max_tokens=max_tokens))
     no_op_step(scheduler)
     assert stats() == dict(pages_pinned=PINNED, ring_pages=6, ring_pages_overwritten=0,
-                           tokens_past_trained_length=0, requests_past_trained_length=0)
+                           tokens_past_trained_length=0, requests_past_trained_length=0,
+                           prompt_tokens_skipped=0)
     no_op_step(scheduler)
     no_op_step(scheduler)
     # three chunks of n_local = 128 tokens: 24 pages, 2 pinned, 17 in the ring, 5 overwritten
     assert stats() == dict(pages_pinned=PINNED, ring_pages=RING, ring_pages_overwritten=5,
                            tokens_past_trained_length=3 * 128 - 256,
-                           requests_past_trained_length=1)
+                           requests_past_trained_length=1, prompt_tokens_skipped=0)
     while "r" in scheduler.requests:
         no_op_step(scheduler)
     # the last sampled token is never written to the cache
@@ -205,8 +209,49 @@ def test_ring_counters_reach_scheduler_stats():
     assert stats() == dict(pages_pinned=0, ring_pages=0,
                            ring_pages_overwritten=-(-slots_written // PAGE) - PER_REQUEST,
                            tokens_past_trained_length=slots_written - 256,
-                           requests_past_trained_length=0)
+                           requests_past_trained_length=0, prompt_tokens_skipped=0)
     assert stats() == dataclasses.asdict(manager.counters)
+
+
+def test_receptive_field_prefill_jumps_over_the_middle_of_a_prompt():
+    """Two 5,000-token prompts side by side: "skips" jumps from its first chunk to its
+    tail start b (the tiny model's 6 layers: R = 6 · 127 + 1 = 763, b = 4,224); "full"
+    asks for prompt logprobs and computes every token. The counters count written slots."""
+    from vllm.v1.metrics.stats import PrefixCacheStats
+
+    from lminf_vllm.receptive_field import tail_start
+
+    scheduler = make_scheduler()
+    scheduler.log_stats = scheduler.kv_cache_manager.log_stats = True
+    scheduler.kv_cache_manager.prefix_cache_stats = PrefixCacheStats()
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    prompt_tokens, max_tokens = 5000, 3
+    start = tail_start(prompt_tokens, N_GLOBAL, N_LOCAL, 6, PAGE)
+    assert start == 4224
+    scheduler.add_request(make_request("skips", [5] * prompt_tokens, max_tokens=max_tokens))
+    scheduler.add_request(make_request("full", [5] * prompt_tokens, max_tokens=max_tokens,
+                                       prompt_logprobs=0))
+    chunks = {"skips": [], "full": []}
+    while scheduler.requests:
+        computed = {r: scheduler.requests[r].num_computed_tokens for r in scheduler.requests}
+        for request_id, tokens in no_op_step(scheduler).items():
+            chunks[request_id].append((computed[request_id], tokens))
+
+    def covered(request_chunks):
+        return [p for first, tokens in request_chunks for p in range(first, first + tokens)]
+
+    slots_written = prompt_tokens + max_tokens - 1  # the last sampled token is never written
+    assert covered(chunks["skips"]) == [*range(N_LOCAL), *range(start, slots_written)]
+    assert covered(chunks["full"]) == list(range(slots_written))
+    assert pool.get_num_free_blocks() == free_before
+    pages_written = {"skips": N_LOCAL // PAGE + -(-(slots_written - start) // PAGE),
+                     "full": -(-slots_written // PAGE)}
+    assert scheduler.make_stats().lminf == dict(
+        pages_pinned=0, ring_pages=0, requests_past_trained_length=0,
+        prompt_tokens_skipped=start - N_LOCAL,
+        ring_pages_overwritten=sum(pages - PER_REQUEST for pages in pages_written.values()),
+        tokens_past_trained_length=(slots_written - start) + (slots_written - 256))
 
 
 def test_kv_connectors_are_refused_with_the_reason():

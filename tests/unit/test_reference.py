@@ -72,13 +72,14 @@ TILE_QUERIES = {"cpu-chunk-tiles": cpu_attention.tile_queries}
 
 
 def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0,
-         tile_queries=DEFAULT_TILE_QUERIES):
-    """One engine step. batch: [(request row, context after step, q, k, v for its queries)]."""
+         tile_queries=DEFAULT_TILE_QUERIES, tail_start=None):
+    """One engine step. batch: [(request row, context after step, q, k, v for its queries)];
+    tail_start: per batch entry, as StepPlanner.plan."""
     rows = [b[0] for b in batch]
     query_lens = [len(b[2]) for b in batch]
     plan = build_plan(config, np.concatenate([[0], np.cumsum(query_lens)]),
                       np.array([b[1] for b in batch]), block_table[rows], ring_pages,
-                      tile_queries=tile_queries)
+                      tile_queries=tile_queries, tail_start=tail_start)
     cat = lambda i: torch.cat([b[i] for b in batch]).float()
     write_kv(plan, cat(3), cat(4), cache)
     if attend:
