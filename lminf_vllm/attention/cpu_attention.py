@@ -132,7 +132,8 @@ def _prepare_batch(config, group: TileGroup, sel: slice, rotation: QueryRotation
 
     key_position = (page_base[:, :, None] + torch.arange(page_size)).view(n, 1, -1)
     t = position[:, :, None]                                        # [n, T, 1]
-    visible = rope_frame.visible(t, key_position, config.n_global, config.n_local)
+    visible = rope_frame.visible(t, key_position, group.n_global[sel, None, None],
+                                 group.n_local[sel, None, None])
     visible &= (page_base >= 0).repeat_interleave(page_size, dim=1)[:, None, :]
     near = (t - page_base[:, None, :] <= trained_length).repeat_interleave(page_size, dim=2)
     far_visible = visible & ~near

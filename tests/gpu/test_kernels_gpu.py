@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from lminf_vllm.attention import (TileGroup, build_plan, plan_tile_queries, reference,
+from lminf_vllm.attention import (build_plan, plan_tile_queries, reference,
                                   rotation_for, triton_decode, triton_prefill)
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.config import LMInfConfig
@@ -82,9 +82,7 @@ def reference_rows(plan, query, kv_cache, rotation, scale):
     out = torch.empty(query.shape, device=query.device, dtype=torch.float32)
     for group in plan.groups:
         for i in range(0, group.query_rows.shape[0], REFERENCE_TILES_PER_SLICE):
-            part = TileGroup(*(x[i:i + REFERENCE_TILES_PER_SLICE] for x in
-                               (group.query_rows, group.query_position, group.page_block,
-                                group.page_base)))
+            part = group.apply(lambda x: x[i:i + REFERENCE_TILES_PER_SLICE])
             out[part.query_rows] = reference.attend_group(plan, part, query, kv_cache,
                                                           rotation, scale)
     return out

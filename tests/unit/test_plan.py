@@ -77,7 +77,8 @@ def test_every_step_equals_a_fresh_plan_in_reused_memory():
 def test_memory_is_sized_by_the_batch_limits_and_the_window_not_the_stream():
     p = planner()
     tile_pages = max_tile_pages(CONFIG, 16)
-    assert p.capacity == 4 * MAX_TOKENS + 2 * (MAX_REQS + MAX_TOKENS // 16) * tile_pages
+    # per token 4 entries; per tile its pages' index and base, and its n_global, n_local
+    assert p.capacity == 4 * MAX_TOKENS + 2 * (MAX_REQS + MAX_TOKENS // 16) * (tile_pages + 1)
     # the same planner plans a step at position 2e8 (ring rows)
     plan = p.plan(np.array([0, 1, 49]), np.array([200_000_000, 199_999_000]), block_table(2))
     assert plan.groups[0].query_position.max() == 200_000_000 - 1
@@ -116,7 +117,8 @@ def test_decode_steps_keep_one_shape_and_one_address_across_a_ring_wrap():
 
 def test_decode_pages_is_the_widest_decode_page_set():
     positions = np.arange(0, 2000)
-    widest = visible_pages(positions, positions, CONFIG).shape[1]
+    widest = visible_pages(positions, positions, CONFIG.page_size, CONFIG.n_global,
+                           CONFIG.n_local).shape[1]
     assert widest == decode_pages(CONFIG)
 
 
