@@ -12,6 +12,8 @@ The VllmConfig object identifies the engine: the model is built inside
 `set_current_vllm_config(config)` and every builder of that engine receives the same
 object. A context lives exactly as long as its config (a weak reference drops it), so a
 second engine in the same process, or one started after it, never sees this one's state.
+The per-request settings (request_settings.py) travel the same way: the logits processor
+that sees each request's SamplingParams records them here, where the builder reads them.
 Everything else the backend needs comes from that config explicitly.
 """
 
@@ -29,10 +31,13 @@ _contexts: dict[int, "EngineContext"] = {}
 @dataclass
 class EngineContext:
     """rotary_embeddings: get_rope's instance cache for this engine (key -> module).
-    page_local_ropes: every page-local RoPE module this engine's model built."""
+    page_local_ropes: every page-local RoPE module this engine's model built.
+    request_settings: each request's n_global / n_local by batch row or request slot
+    (request_settings.RequestSettings), once the worker's logits processor is built."""
 
     rotary_embeddings: dict[Any, Any] = field(default_factory=dict)
     page_local_ropes: list[Any] = field(default_factory=list)
+    request_settings: Any = None
 
     def query_rotation(self, head_size: int):
         """The QueryRotation of the engine's RoPE with this head size (one table only)."""
