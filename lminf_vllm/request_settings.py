@@ -72,10 +72,10 @@ def requested(extra_args: Mapping[str, Any] | None, n_global: int,
         if key not in args:
             continue
         value, high = args[key], engine[name]
-        allowed = (f"the allowed range is [{low}, {high}] (a request may narrow the "
-                   f"engine's {name}={high}, not widen it)")
+        allowed = (f"the allowed range [{low}, {high}] (a request may narrow the engine's "
+                   f"{name}={high}, not widen it)")
         if isinstance(value, bool) or not isinstance(value, int):
-            raise error(f"lminf: {key}={value!r} must be an integer; {allowed}",
+            raise error(f"lminf: {key}={value!r} must be an integer in {allowed}",
                         parameter=key)
         if not low <= value <= high:
             raise error(f"lminf: {key}={value} is outside {allowed}", parameter=key)
