@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lminf_vllm import attention  # noqa: E402
-from lminf_vllm.attention import (AttentionPlan, TileGroup, build_plan,  # noqa: E402
+from lminf_vllm.attention import (AttentionPlan, build_plan,  # noqa: E402
                                   plan_tile_queries, rotation_for)
 from lminf_vllm.attention.rotation import QueryRotation, rotate  # noqa: E402
 from lminf_vllm.config import DEFAULT_N_GLOBAL, LMInfConfig  # noqa: E402
@@ -247,9 +247,7 @@ def to_device(plan: AttentionPlan, device) -> AttentionPlan:
         return plan
     move = lambda x: x.pin_memory().to(device, non_blocking=True)  # noqa: E731
     return AttentionPlan(plan.config, move(plan.slot_block), move(plan.slot_offset),
-                         tuple(TileGroup(*(move(x) for x in (g.query_rows, g.query_position,
-                                                             g.page_block, g.page_base)))
-                               for g in plan.groups))
+                         tuple(g.apply(move) for g in plan.groups))
 
 
 class Text:

@@ -24,7 +24,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from lminf_vllm import BACKEND_NAME, attention, engine_context, receptive_field
+from lminf_vllm import (BACKEND_NAME, attention, engine_context, receptive_field,
+                         request_settings)
 from lminf_vllm import config as lminf_config
 from lminf_vllm.kv_cache import LMInfSpec
 from lminf_vllm.patches.receptive_field_prefill import needs_every_output
@@ -117,6 +118,19 @@ def refuse_capture_batches_past_the_chunk_cap(vllm_config: VllmConfig,
             "max_num_seqs or max_prefill_chunk_tokens, or lower max_cudagraph_capture_size")
 
 
+def refuse_a_config_without_the_settings_processor(vllm_config: VllmConfig) -> None:
+    """Per-request lminf_ values are checked and delivered by a logits processor that
+    EngineArgs.create_engine_config adds (patches/long_context.py); an engine configured
+    some other way would accept them and ignore them, so it is refused at startup."""
+    name = request_settings.processor_name(vllm_config)
+    if name not in (vllm_config.model_config.logits_processors or []):
+        raise lminf_config.LMInfConfigError(
+            f"lminf: the engine's logits_processors lack {name!r}, which checks and applies "
+            "per-request lminf_n_global / lminf_n_local: build the config with "
+            "EngineArgs.create_engine_config (LLM and vllm serve do), or call "
+            "lminf_vllm.request_settings.enable(vllm_config) on it")
+
+
 class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
     # Decode batches replay full CUDA graphs: a batch of one query per request plans into
     # one group of one tile per request (padding requests included) with decode_pages
@@ -134,6 +148,7 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
                                "(patches/layer_kv_spec.py)")
         refuse_speculative_decoding(vllm_config)
         self.config = lminf_config.from_vllm_config(vllm_config)
+        refuse_a_config_without_the_settings_processor(vllm_config)
         self.engine = engine_context.of(vllm_config)
         refuse_capture_batches_past_the_chunk_cap(vllm_config, self.config)
         attention.check_impl(self.config, device, lminf_config.triton_interpreter_on())
@@ -162,12 +177,18 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
             raise RuntimeError("lminf: vLLM built attention metadata without "
                                "seq_lens_cpu_upper_bound; the plan needs host seq_lens")
         num_reqs = meta.num_reqs
+        n_global = n_local = None
+        settings = self.engine.request_settings
+        if settings is not None:  # None until the worker built its logits processors
+            # rows: V2's request slots per row; None on V1, whose rows are the batch's
+            n_global, n_local = settings.of_rows(meta.req_idx, num_reqs)
         plan = self.planner.plan(
             query_start_loc=meta.query_start_loc_cpu[: num_reqs + 1].numpy(),
             seq_lens=seq_lens[:num_reqs].numpy(),
             block_table=meta.block_table_tensor[:num_reqs],
             num_tokens=meta.num_actual_tokens,
             tail_start=self._tail_starts(num_reqs),
+            n_global=n_global, n_local=n_local,
         )
         return LMInfMetadata(plan=plan, rotation=self.rotation,
                              num_actual_tokens=meta.num_actual_tokens)

@@ -12,6 +12,8 @@ The VllmConfig object identifies the engine: the model is built inside
 `set_current_vllm_config(config)` and every builder of that engine receives the same
 object. A context lives exactly as long as its config (a weak reference drops it), so a
 second engine in the same process, or one started after it, never sees this one's state.
+The per-request settings (request_settings.py) travel the same way: the logits processor
+that sees each request's SamplingParams records them here, where the builder reads them.
 Everything else the backend needs comes from that config explicitly.
 """
 
@@ -32,11 +34,14 @@ class EngineContext:
     page_local_ropes: every page-local RoPE module this engine's model built.
     model_runner: a weak reference to this worker's v1 model runner
     (patches/runner_for_builders.py), whose requests the metadata builder reads per row;
-    None where none was published."""
+    None where none was published.
+    request_settings: each request's n_global / n_local by batch row or request slot
+    (request_settings.RequestSettings), once the worker's logits processor is built."""
 
     rotary_embeddings: dict[Any, Any] = field(default_factory=dict)
     page_local_ropes: list[Any] = field(default_factory=list)
     model_runner: Callable[[], Any] | None = None
+    request_settings: Any = None
 
     def query_rotation(self, head_size: int):
         """The QueryRotation of the engine's RoPE with this head size (one table only)."""

@@ -66,8 +66,10 @@ def distance(query_position, key_position, page_size: int, trained_length: int):
                     trained_length - key_position % page_size)
 
 
-def visible(query_position, key_position, n_global: int, n_local: int):
-    """The Λ mask: j < n_global or t - j < n_local, with j <= t  (DESIGN §2)."""
+def visible(query_position, key_position, n_global, n_local):
+    """The Λ mask: j < n_global or t - j < n_local, with j <= t  (DESIGN §2).
+
+    n_global, n_local: ints, or arrays broadcast against the positions (per request)."""
     causal = key_position <= query_position
     return causal & ((key_position < n_global) | (query_position - key_position < n_local))
 

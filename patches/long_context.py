@@ -5,7 +5,9 @@ VLLM_ALLOW_LONG_MAX_MODEL_LEN, because plain RoPE breaks past it. LM-Infinite ne
 RoPE a distance beyond L, so with LMINF the long length is the point. This patch wraps
 EngineArgs.create_engine_config: when the arguments select LMINF, the max-length check
 accepts the requested length; afterwards the lminf parameters are validated, so a bad value
-fails at startup naming the parameter.
+fails at startup naming the parameter, and the engine's per-request settings processor is
+added to its logits processors (request_settings.enable), so the API server, which builds
+its request validation from the same config, checks every request's lminf_ values.
 """
 
 import contextvars
@@ -34,6 +36,7 @@ def _install() -> None:
 
     import lminf_vllm
     from lminf_vllm import config as lminf_config
+    from lminf_vllm import request_settings
 
     verify_max_len = model_config_module._get_and_verify_max_len
     create_engine_config = EngineArgs.create_engine_config
@@ -53,6 +56,7 @@ def _install() -> None:
             _long_context_allowed.reset(token)
         if lminf_vllm.is_selected(vllm_config):
             lminf_config.from_vllm_config(vllm_config)
+            request_settings.enable(vllm_config)
         return vllm_config
 
     model_config_module._get_and_verify_max_len = _get_and_verify_max_len
@@ -63,8 +67,11 @@ PATCH = Patch(
     name=NAME,
     target=TARGET,
     what=("EngineArgs.create_engine_config lets max_model_len exceed the trained length when "
-          "LMINF is selected, then validates the lminf parameters"),
-    why="LM-Infinite exists to serve streams far past L; the check is right for plain RoPE",
+          "LMINF is selected, then validates the lminf parameters and adds the per-request "
+          "settings logits processor (request_settings.py) to model_config.logits_processors"),
+    why=("LM-Infinite exists to serve streams far past L; the check is right for plain RoPE. "
+         "The settings processor must be in the config before the API server builds its "
+         "request validation from it, and this is where LMINF's config is made"),
     upstream="none: the check is correct for every other backend",
     remove_when="vLLM lets an attention backend declare that it bounds RoPE distances",
     fingerprints={

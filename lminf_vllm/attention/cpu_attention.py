@@ -73,9 +73,9 @@ def kernel():
 def attend(plan: AttentionPlan, query: torch.Tensor, kv_cache: torch.Tensor,
            output: torch.Tensor, rotation: QueryRotation, scale: float) -> None:
     """Λ-attention for every query of the step. query, output: [T_all, H, D]."""
-    config, ops = plan.config, kernel()
+    ops = kernel()
     for group in plan.groups:
         ops.attend_group(query, kv_cache, output, group.query_rows, group.query_position,
-                         group.page_block, group.page_base, rotation.cos_sin,
-                         rotation.rotary_dim, rotation.is_neox_style, config.n_global,
-                         config.n_local, config.trained_length, scale)
+                         group.page_block, group.page_base, group.n_global, group.n_local,
+                         rotation.cos_sin, rotation.rotary_dim, rotation.is_neox_style,
+                         plan.config.trained_length, scale)

@@ -10,6 +10,12 @@ see (the global pages, then the local pages, DESIGN §2) and where they live in 
 Tiles of equal length form a group, so a group is a dense [N, T] block of queries with an
 [N, P] block of pages (padding pages have base position -1 and are masked).
 
+A request may narrow n_global and n_local (lminf_vllm/request_settings.py), so each tile
+carries its own request's two values, and every path masks with those. What sizes memory
+(the pinned pages, the ring, the page size, L) is the engine's config, which bounds every
+request's values; so narrowing never changes a group's shape, and a decode batch keeps the
+one fixed shape its CUDA graph was captured with whatever mix of settings it holds.
+
 A StepPlanner owns the memory every plan lives in, allocated once: a host arena (pinned on
 CUDA, two of them used in turn) where the step's indices are computed, and one device arena
 they reach with a single non-blocking copy; block ids are then gathered from the block
@@ -19,7 +25,7 @@ shape always has the same addresses (what a replayed CUDA graph reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -46,12 +52,20 @@ class TileGroup:
     page_block:      [N, P] int64, physical block (page) ids in the KV cache
     page_base:       [N, P] int64, absolute position of each page's first token (b_p),
                      or -1 for padding
+    n_global:        [N] int64, n_global of each tile's request (<= the engine's)
+    n_local:         [N] int64, n_local of each tile's request (<= the engine's)
     """
 
     query_rows: torch.Tensor
     query_position: torch.Tensor
     page_block: torch.Tensor
     page_base: torch.Tensor
+    n_global: torch.Tensor
+    n_local: torch.Tensor
+
+    def apply(self, fn) -> "TileGroup":
+        """The group with fn applied to each of its tensors (a slice of tiles, a move)."""
+        return TileGroup(*(fn(getattr(self, f.name)) for f in fields(self)))
 
 
 @dataclass(frozen=True)
@@ -101,20 +115,20 @@ def _tiles(query_start_loc: np.ndarray, seq_lens: np.ndarray, tile_queries: int)
     return tile_req, first_row, first_position, length
 
 
-def visible_pages(first_position: np.ndarray, last_position: np.ndarray,
-                  config: LMInfConfig, min_width: int = 0,
+def visible_pages(first_position: np.ndarray, last_position: np.ndarray, page_size: int,
+                  n_global, n_local, min_width: int = 0,
                   tail_start: np.ndarray | None = None) -> np.ndarray:
     """[N, P] logical pages a tile of queries t0..t1 may see, padded with -1 to >= min_width.
 
-    The global pages cover positions < n_global (up to t1), the local pages cover
-    t0 - n_local + 1 .. t1; pages in both are listed once. tail_start: [N] the page-aligned
-    start b of each tile's request's computed tail in receptive-field prefill, 0 for none
-    (receptive_field.tail_start); a tile at or past b lists no local page below it, since
-    the prompt's keys there were skipped and their slots never written.
+    first_position, last_position: [N] t0 and t1 of each tile; n_global, n_local: ints, or
+    [N] per tile. The global pages cover positions < n_global (up to t1), the local pages
+    cover t0 - n_local + 1 .. t1; pages in both are listed once. tail_start: [N] the
+    page-aligned start b of each tile's request's computed tail in receptive-field prefill,
+    0 for none (receptive_field.tail_start); a tile at or past b lists no local page below
+    it, since the prompt's keys there were skipped and their slots never written.
     """
-    page_size = config.page_size
-    num_global = -(-np.minimum(config.n_global, last_position + 1) // page_size)
-    window_start = np.maximum(first_position - config.n_local + 1, 0)
+    num_global = -(-np.minimum(n_global, last_position + 1) // page_size)
+    window_start = np.maximum(first_position - n_local + 1, 0)
     if tail_start is not None:
         window_start = np.where(first_position >= tail_start,
                                 np.maximum(window_start, tail_start), window_start)
@@ -139,6 +153,22 @@ def padded_decode_requests(query_lens: np.ndarray, num_tokens: int) -> int:
             or query_lens[:num_real].min(initial=1) < 1 or num_tokens < len(query_lens)):
         return 0
     return len(query_lens) - num_real
+
+
+def per_request_values(name: str, values, engine_value: int, low: int,
+                       num_reqs: int) -> np.ndarray:
+    """[num_reqs] int64 of a per-request setting (the engine's value where None), refused
+    outside [low, engine_value]: the pinned pages and the ring are sized by the engine's
+    value, so a wider one would read pages the request does not hold."""
+    if values is None:
+        return np.full(num_reqs, engine_value, dtype=np.int64)
+    values = np.asarray(values, dtype=np.int64)[:num_reqs]
+    bad = (values < low) | (values > engine_value)
+    if len(values) != num_reqs or bad.any():
+        raise ValueError(f"lminf plan: per-request {name} must give [{low}, "
+                         f"{engine_value}] for each of the {num_reqs} requests, got "
+                         f"{values.tolist()}")
+    return values
 
 
 class _Arena:
@@ -180,8 +210,9 @@ class StepPlanner:
         tile_pages = max(min_pages, max_tile_pages(
             config, min(tile_queries, config.max_prefill_chunk_tokens)))
         max_tiles = max_num_reqs + -(-max_num_tokens // tile_queries)
-        # per token: block index, offset, query row, position; per tile page: index, base
-        self.capacity = 4 * max_num_tokens + 2 * max_tiles * tile_pages
+        # per token: block index, offset, query row, position; per tile page: index, base;
+        # per tile: n_global, n_local
+        self.capacity = 4 * max_num_tokens + 2 * max_tiles * (tile_pages + 1)
         on_cuda = self.device.type == "cuda"
         # Two host arenas in turn: the host fills one while the device may still be
         # copying the other; each waits only for its own copy of two steps ago.
@@ -197,7 +228,8 @@ class StepPlanner:
 
     def plan(self, query_start_loc: np.ndarray, seq_lens: np.ndarray,
              block_table: torch.Tensor, num_tokens: int | None = None,
-             tail_start: np.ndarray | None = None) -> AttentionPlan:
+             tail_start: np.ndarray | None = None, n_global: np.ndarray | None = None,
+             n_local: np.ndarray | None = None) -> AttentionPlan:
         """Plan one step; the plan's tensors are views of this planner's arenas, valid until
         the next call.
 
@@ -209,6 +241,8 @@ class StepPlanner:
                          the requests' queries are padding, stored into PADDING_BLOCK
         tail_start:      [num_reqs] host ints, each request's receptive-field tail start or
                          0 (visible_pages); None when nothing is skipped
+        n_global, n_local: [num_reqs] host ints, each request's own values (at most the
+                         config's; request_settings.py checks them), or None for the config's
         """
         config, page_size = self.config, self.config.page_size
         query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
@@ -226,6 +260,8 @@ class StepPlanner:
                 f"more than max_prefill_chunk_tokens={config.max_prefill_chunk_tokens}: its "
                 "keys would overwrite ring pages its own queries still read")
         width = block_table.shape[1]
+        n_global = per_request_values("n_global", n_global, config.n_global, 0, num_reqs)
+        n_local = per_request_values("n_local", n_local, config.n_local, 1, num_reqs)
 
         def table_index(req: np.ndarray, page: np.ndarray) -> np.ndarray:
             """Flat index of (request, logical page) into the row-major block table."""
@@ -258,7 +294,8 @@ class StepPlanner:
         for tile_len in np.unique(length):
             sel = np.nonzero(length == tile_len)[0]
             pages = visible_pages(first_position[sel], first_position[sel] + tile_len - 1,
-                                  config, self.min_pages,
+                                  page_size, n_global[tile_req[sel]],
+                                  n_local[tile_req[sel]], self.min_pages,
                                   None if tail_start is None else tail_start[tile_req[sel]])
             padding = pages < 0
             index = table_index(tile_req[sel][:, None], np.where(padding, 0, pages))
@@ -267,7 +304,8 @@ class StepPlanner:
             page_index.append(index)
             direct.append((first_row[sel][:, None] + steps, first_position[sel][:, None] + steps,
                            np.where(padding, PADDING_PAGE_BASE,
-                                    rope_frame.page_base(pages, page_size))))
+                                    rope_frame.page_base(pages, page_size)),
+                           n_global[tile_req[sel]], n_local[tile_req[sel]]))
 
         # Layout: every block-table index first (gathered on the device in one pass), then
         # the values used as they are.
@@ -287,8 +325,9 @@ class StepPlanner:
             slot_block=view(index_segments[0], self.blocks),
             slot_offset=view(offset_segment),
             groups=tuple(TileGroup(query_rows=view(rows), query_position=view(position),
-                                   page_block=view(index, self.blocks), page_base=view(base))
-                         for index, (rows, position, base)
+                                   page_block=view(index, self.blocks), page_base=view(base),
+                                   n_global=view(tile_n_global), n_local=view(tile_n_local))
+                         for index, (rows, position, base, tile_n_global, tile_n_local)
                          in zip(index_segments[1:], direct_segments)))
 
     def _next_host_arena(self) -> _Arena:
@@ -321,8 +360,9 @@ class StepPlanner:
 def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.ndarray,
                block_table: torch.Tensor, num_ring_pages: int | None = None,
                tile_queries: int = DEFAULT_TILE_QUERIES, min_pages: int = 0,
-               num_tokens: int | None = None,
-               tail_start: np.ndarray | None = None) -> AttentionPlan:
+               num_tokens: int | None = None, tail_start: np.ndarray | None = None,
+               n_global: np.ndarray | None = None,
+               n_local: np.ndarray | None = None) -> AttentionPlan:
     """Plan one step in memory of its own (tests, benchmarks; the backend keeps a
     StepPlanner). Arguments as StepPlanner and StepPlanner.plan."""
     query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
@@ -331,5 +371,6 @@ def build_plan(config: LMInfConfig, query_start_loc: np.ndarray, seq_lens: np.nd
                           max_num_tokens=max(num_queries, num_tokens or 0),
                           device=block_table.device, num_ring_pages=num_ring_pages,
                           tile_queries=tile_queries, min_pages=min_pages)
-    return planner.plan(query_start_loc, seq_lens, block_table, num_tokens, tail_start)
+    return planner.plan(query_start_loc, seq_lens, block_table, num_tokens, tail_start,
+                        n_global, n_local)
 

@@ -23,12 +23,15 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 
 def key_visibility(plan: AttentionPlan, group: TileGroup) -> torch.Tensor:
-    """[N, T, P, B] bool: the Λ mask of each query against each key slot of its pages."""
+    """[N, T, P, B] bool: the Λ mask of each query against each key slot of its pages, with
+    each tile's own n_global and n_local."""
     config = plan.config
     key_position = (group.page_base[:, :, None]
                     + torch.arange(config.page_size, device=group.page_base.device))
     t = group.query_position[:, :, None, None]
-    mask = rope_frame.visible(t, key_position[:, None], config.n_global, config.n_local)
+    per_tile = lambda x: x[:, None, None, None]                       # [N] -> [N, 1, 1, 1]
+    mask = rope_frame.visible(t, key_position[:, None], per_tile(group.n_global),
+                              per_tile(group.n_local))
     return mask & (group.page_base >= 0)[:, None, :, None]
 
 

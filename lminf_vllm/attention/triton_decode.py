@@ -148,8 +148,9 @@ def dot(a, b, acc=None):
 def lambda_decode_kernel(
     # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [L + 1, rotary_dim] f32
     q_ptr, kv_ptr, table_ptr,
-    # TileGroup tensors: query_rows, query_position [N, 1]; page_block, page_base [N, P]
-    rows_ptr, pos_ptr, block_ptr, base_ptr,
+    # TileGroup tensors: query_rows, query_position [N, 1]; page_block, page_base [N, P];
+    # n_global, n_local [N] (each tile's request's own values)
+    rows_ptr, pos_ptr, block_ptr, base_ptr, n_global_ptr, n_local_ptr,
     # outputs: out [N, S, H, D] f32 (normalised per slice), lse [N, S, H] f32 (log2 units);
     # or, TO_STEP_ROWS, the step's output [T_all, H, D] (one slice; lse unused)
     out_ptr, lse_ptr,
@@ -161,7 +162,7 @@ def lambda_decode_kernel(
     stride_ln, stride_ls,
     num_pages, pages_per_split,
     scale_log2,                      # softmax scale * log2(e)
-    n_global, n_local, trained_length,
+    trained_length,
     PAGE_SIZE: tl.constexpr,         # B
     GROUP: tl.constexpr,             # query heads per KV head
     GROUP_PAD: tl.constexpr,         # GROUP padded to >= 16 rows (a power of two)
@@ -182,6 +183,8 @@ def lambda_decode_kernel(
 
     # ---- the query: one token, the GROUP heads that share this KV head ----
     t = tl.load(pos_ptr + n * stride_pos_n)                       # int64 scalar
+    n_global = tl.load(n_global_ptr + n)
+    n_local = tl.load(n_local_ptr + n)
     q_row = tl.load(rows_ptr + n * stride_row_n)
     head = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
@@ -337,7 +340,7 @@ def check_inputs(config, group, query, kv_cache, rotation, *, decode: bool) -> N
         raise ValueError(f"lminf {who}: rotation.cos_sin must be a row-contiguous float32 "
                          f"[L + 1, rotary_dim] table")
     tensors = (query, kv_cache, table, group.query_rows, group.query_position,
-               group.page_block, group.page_base)
+               group.page_block, group.page_base, group.n_global, group.n_local)
     if any(x.device != query.device for x in tensors):
         raise ValueError(f"lminf {who}: query, kv_cache, rotation table and plan tensors "
                          f"must be on one device ({[str(x.device) for x in tensors]})")
@@ -347,6 +350,13 @@ def check_inputs(config, group, query, kv_cache, rotation, *, decode: bool) -> N
             raise ValueError(f"lminf {who}: group.{name} must be a 2-D tensor with a "
                              f"contiguous last axis, got shape {tuple(x.shape)} strides "
                              f"{x.stride()}")
+    num_tiles = group.query_rows.shape[0]
+    for name in ("n_global", "n_local"):
+        x = getattr(group, name)
+        if x.shape != (num_tiles,) or (num_tiles > 1 and x.stride(0) != 1):
+            raise ValueError(f"lminf {who}: group.{name} must be a contiguous [N] tensor "
+                             f"(one value per tile, N = {num_tiles}), got shape "
+                             f"{tuple(x.shape)} strides {x.stride()}")
     if group.page_block.shape != group.page_base.shape or \
             group.query_rows.shape != group.query_position.shape:
         raise ValueError(f"lminf {who}: page_block/page_base and query_rows/query_position "
@@ -416,6 +426,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     LAST_LAUNCH = lambda_decode_kernel[(num_tiles, num_kv_heads, num_splits)](
         query, kv_cache, rotation.cos_sin,
         group.query_rows, group.query_position, group.page_block, group.page_base,
+        group.n_global, group.n_local,
         part, lse,
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -425,7 +436,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         lse.stride(0), lse.stride(1) if lse.dim() > 1 else 0,
         num_pages, pages_per_split,
         scale * LOG2E,
-        config.n_global, config.n_local, config.trained_length,
+        config.trained_length,
         PAGE_SIZE=page_size, GROUP=group_size, GROUP_PAD=_pow2(group_size, MIN_DOT_ROWS),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim, 16),
         HALF=half, HALF_PAD=_pow2(half, 16),

@@ -384,8 +384,9 @@ def attend_window_capped(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qw1,
 def lambda_prefill_kernel(
     # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [rows, rotary_dim] f32
     q_ptr, kv_ptr, table_ptr,
-    # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P]
-    rows_ptr, pos_ptr, block_ptr, base_ptr,
+    # TileGroup tensors: query_rows, query_position [N, T]; page_block, page_base [N, P];
+    # n_global, n_local [N] (each tile's request's own values)
+    rows_ptr, pos_ptr, block_ptr, base_ptr, n_global_ptr, n_local_ptr,
     keys_ptr, values_ptr,            # turn_pages_kernel's dense copies
     out_ptr,                         # [N, T, H, D] float32, or the step's [T_all, H, D]
     stride_qt, stride_qh,
@@ -396,7 +397,7 @@ def lambda_prefill_kernel(
     stride_on, stride_ot, stride_oh,
     num_queries, num_pages,
     scale_log2,                      # softmax scale * log2(e)
-    n_global, n_local, trained_length,
+    trained_length,
     PAGE_SIZE: tl.constexpr,         # B
     GROUP: tl.constexpr,             # query heads per KV head
     HEAD_DIM: tl.constexpr,
@@ -422,6 +423,8 @@ def lambda_prefill_kernel(
     kv_head = head // GROUP
     keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
     values = values_ptr + n * stride_vn + kv_head * stride_vh
+    n_global = tl.load(n_global_ptr + n)
+    n_local = tl.load(n_local_ptr + n)
 
     # ---- the rows' queries and their turns (exact, capped, and the window's capped
     # pairs: see attend_window_capped), made before the accumulator holds registers ----
@@ -630,6 +633,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
                                          num_tiles)](
         query, kv_cache, table,
         group.query_rows, group.query_position, group.page_block, group.page_base,
+        group.n_global, group.n_local,
         keys, values, out,
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -640,7 +644,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         0 if output is not None else out.stride(0), out.stride(-3), out.stride(-2),
         num_queries, num_pages,
         scale * LOG2E,
-        config.n_global, config.n_local, config.trained_length,
+        config.trained_length,
         PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],

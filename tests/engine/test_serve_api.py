@@ -170,3 +170,74 @@ def test_a_client_that_gives_up_returns_every_page(server, client, val_tokens):
     assert wait_until_idle(server) == dict.fromkeys(LEVELS, 0)
     again = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4)
     assert again.choices[0].finish_reason in ("length", "stop")
+
+
+# (vllm_xargs, what the 400's message must contain): each names the field and its range
+BAD_SETTINGS = [
+    ({"lminf_n_global": -1}, ("lminf_n_global=-1", f"[0, {N_GLOBAL}]")),
+    ({"lminf_n_global": N_GLOBAL + 1}, (f"lminf_n_global={N_GLOBAL + 1}", f"[0, {N_GLOBAL}]")),
+    ({"lminf_n_local": 0}, ("lminf_n_local=0", f"[1, {N_LOCAL}]")),
+    ({"lminf_n_local": N_LOCAL + 1}, (f"lminf_n_local={N_LOCAL + 1}", f"[1, {N_LOCAL}]")),
+    ({"lminf_n_local": "64"}, ("lminf_n_local='64' must be an integer", f"[1, {N_LOCAL}]")),
+    ({"lminf_n_global": 8.5}, ("lminf_n_global=8.5 must be an integer", f"[0, {N_GLOBAL}]")),
+    ({"lminf_window": 5}, ("'lminf_window'", "lminf_n_local")),
+]
+
+
+def test_bad_per_request_settings_get_a_400_each_while_seven_others_complete_unchanged(
+        client, val_tokens):
+    """Seven good requests (four narrowing n_global / n_local their own way) run alone
+    first, then again concurrently with one request per bad value: each bad one gets a 400
+    naming its field and range, each good one the same completion as alone. A narrowed
+    request's logprobs match the oracle with its own values (the values arrive)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from engine_checks import assert_close
+    from oracle import Float64Llama
+
+    narrowed = [None, {"lminf_n_local": 40}, {"lminf_n_global": 0}, None,
+                {"lminf_n_global": 5, "lminf_n_local": 40}, None,
+                {"lminf_n_global": 17, "lminf_n_local": 1}]
+    prompts = [val_tokens[60_000 + 1000 * i:60_000 + 1000 * i + 300 + 50 * i].tolist()
+               for i in range(len(narrowed))]
+
+    def complete(prompt, xargs):
+        body = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+        if xargs is not None:
+            body["vllm_xargs"] = xargs
+        try:
+            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                             temperature=0, logprobs=0, extra_body=body)
+        except openai.BadRequestError as error:
+            return error
+
+    alone = [complete(p, x) for p, x in zip(prompts, narrowed)]
+    with ThreadPoolExecutor(len(prompts) + len(BAD_SETTINGS)) as pool:
+        good = [pool.submit(complete, p, x) for p, x in zip(prompts, narrowed)]
+        bad = [pool.submit(complete, prompts[0], x) for x, _ in BAD_SETTINGS]
+        good, bad = [f.result() for f in good], [f.result() for f in bad]
+
+    for (xargs, needles), error in zip(BAD_SETTINGS, bad):
+        assert isinstance(error, openai.BadRequestError), (xargs, error)
+        assert error.status_code == 400
+        assert all(needle in error.message for needle in needles), (xargs, error.message)
+    for i, (first, again) in enumerate(zip(alone, good)):
+        assert not isinstance(first, Exception) and not isinstance(again, Exception), i
+        assert again.choices[0].text == first.choices[0].text, f"request {i} ({narrowed[i]})"
+
+    logprobs = alone[4].choices[0].logprobs
+    generated = [int(t.split(":")[1]) for t in logprobs.tokens]
+    expected = Float64Llama(MODEL_DIR).prompt_logprobs(
+        prompts[4] + generated, mode="lminf", n_global=5, n_local=40, L=TINY_L, B=PAGE)
+    assert_close(np.array(logprobs.token_logprobs), expected[len(prompts[4]) - 1:],
+                 "served completion with lminf_n_global=5, lminf_n_local=40",
+                 offset=len(prompts[4]) - 1)
+
+
+def test_a_nested_per_request_value_gets_vllms_own_400(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2,
+                                  extra_body={"vllm_xargs": {"lminf": {"n_local": 8}}})
+    assert raised.value.status_code == 400 and "vllm_xargs" in raised.value.message

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from lminf_vllm.attention import (TileGroup, build_plan, plan_tile_queries, reference,
+from lminf_vllm.attention import (build_plan, plan_tile_queries, reference,
                                   rotation_for, triton_decode, triton_prefill)
 from lminf_vllm.attention.rotation import QueryRotation
 from lminf_vllm.config import LMInfConfig
@@ -46,8 +46,11 @@ def rope_table(rotary_dim, trained_length, device):
 
 
 def make_case(page_size, head_dim, gqa, dtype, n_global, n_local, requests, seed=0,
-              trained_length=TRAINED_LENGTH):
+              trained_length=TRAINED_LENGTH, narrowed=None):
     """A random ring cache (each request owns G + R blocks, shuffled) and two plans of it.
+
+    narrowed: per request (n_global, n_local) at most the engine's (request_settings.py),
+    or None for the engine's.
 
     plans: {"tile128": the CPU path's tiles, "chunk": one tile per request chunk (the plan
     the backend builds on CUDA)}; the kernels must give the same rows from both.
@@ -63,8 +66,10 @@ def make_case(page_size, head_dim, gqa, dtype, n_global, n_local, requests, seed
     width = config.num_pinned_pages + config.num_ring_pages
     num_blocks = len(requests) * width + 7
     table = torch.randperm(num_blocks, generator=g)[: len(requests) * width].view(-1, width)
+    per_request = np.array(narrowed).T if narrowed else (None, None)
     plans = {name: build_plan(config, query_start_loc, seq_lens, table.to(device),
-                              num_ring_pages=config.num_ring_pages, tile_queries=tile)
+                              num_ring_pages=config.num_ring_pages, tile_queries=tile,
+                              n_global=per_request[0], n_local=per_request[1])
              for name, tile in (("tile128", 128),
                                 ("chunk", plan_tile_queries(config, device)))}
     kv_heads = NUM_HEADS // gqa
@@ -82,9 +87,7 @@ def reference_rows(plan, query, kv_cache, rotation, scale):
     out = torch.empty(query.shape, device=query.device, dtype=torch.float32)
     for group in plan.groups:
         for i in range(0, group.query_rows.shape[0], REFERENCE_TILES_PER_SLICE):
-            part = TileGroup(*(x[i:i + REFERENCE_TILES_PER_SLICE] for x in
-                               (group.query_rows, group.query_position, group.page_block,
-                                group.page_base)))
+            part = group.apply(lambda x: x[i:i + REFERENCE_TILES_PER_SLICE])
             out[part.query_rows] = reference.attend_group(plan, part, query, kv_cache,
                                                           rotation, scale)
     return out
@@ -162,6 +165,22 @@ def test_chunk_4096(page_size, dtype):
     run_all(plans, query, kv_cache, rotation,
             dict(B=page_size, head_dim=128, gqa=4, dtype=str(dtype), n_global=64,
                  n_local=4096, chunk=4096))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_per_request_settings_in_one_batch(dtype):
+    """Each request its own (n_global, n_local) <= the engine's (64, 4096): decodes with
+    different values in one group (what a CUDA graph replays), chunks with none pinned, a
+    window of one, values off the page grid."""
+    requests = [(1, 5000), (1, 5000), (1, 200_000_000), (1, 77), (37, 1000), (37, 1000),
+                (300, 200_000_000), (129, 9000)]
+    narrowed = [(64, 4096), (0, 1), (17, 1000), (5, 33), (64, 4096), (0, 100), (33, 4000),
+                (1, 257)]
+    plans, query, kv_cache, rotation = make_case(16, 128, 4, dtype, 64, 4096, requests,
+                                                 narrowed=narrowed)
+    run_all(plans, query, kv_cache, rotation,
+            dict(B=16, head_dim=128, gqa=4, dtype=str(dtype), n_global=64, n_local=4096,
+                 narrowed=narrowed))
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

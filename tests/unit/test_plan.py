@@ -36,7 +36,8 @@ def block_table(num_reqs=MAX_REQS):
 def fields(plan):
     return [plan.slot_block, plan.slot_offset] + [
         x for g in plan.groups
-        for x in (g.query_rows, g.query_position, g.page_block, g.page_base)]
+        for x in (g.query_rows, g.query_position, g.page_block, g.page_base, g.n_global,
+                  g.n_local)]
 
 
 def random_steps(num_steps, seed=0):
@@ -77,7 +78,8 @@ def test_every_step_equals_a_fresh_plan_in_reused_memory():
 def test_memory_is_sized_by_the_batch_limits_and_the_window_not_the_stream():
     p = planner()
     tile_pages = max_tile_pages(CONFIG, 16)
-    assert p.capacity == 4 * MAX_TOKENS + 2 * (MAX_REQS + MAX_TOKENS // 16) * tile_pages
+    # per token 4 entries; per tile its pages' index and base, and its n_global, n_local
+    assert p.capacity == 4 * MAX_TOKENS + 2 * (MAX_REQS + MAX_TOKENS // 16) * (tile_pages + 1)
     # the same planner plans a step at position 2e8 (ring rows)
     plan = p.plan(np.array([0, 1, 49]), np.array([200_000_000, 199_999_000]), block_table(2))
     assert plan.groups[0].query_position.max() == 200_000_000 - 1
@@ -116,7 +118,8 @@ def test_decode_steps_keep_one_shape_and_one_address_across_a_ring_wrap():
 
 def test_decode_pages_is_the_widest_decode_page_set():
     positions = np.arange(0, 2000)
-    widest = visible_pages(positions, positions, CONFIG).shape[1]
+    widest = visible_pages(positions, positions, CONFIG.page_size, CONFIG.n_global,
+                           CONFIG.n_local).shape[1]
     assert widest == decode_pages(CONFIG)
 
 
@@ -187,3 +190,39 @@ def test_in_place_plans_drive_the_reference_exactly_like_fresh_plans():
             reference.attend(plan, q, cache, out, rotation, 0.25)
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), f"step {step}"
+
+
+def test_per_request_settings_keep_a_decode_batch_in_one_group_at_the_same_addresses():
+    """Narrowed n_global / n_local travel per tile: a decode batch that mixes them has the
+    one shape and the addresses a CUDA graph captured with the engine's values, and its
+    pages are those each request's own values make visible."""
+    p = planner(min_pages=decode_pages(CONFIG))
+    table = block_table()
+    seq_lens = np.array([150, 333, 90, 400])
+    plain = p.plan(np.arange(MAX_REQS + 1), seq_lens, table)
+    shapes = [tuple(x.shape) for x in fields(plain)]
+    addresses = [x.data_ptr() for x in fields(plain)]
+    p.plan(np.arange(MAX_REQS + 1), seq_lens, table)  # the other host arena (CUDA: two)
+    n_global, n_local = np.array([40, 0, 17, 1]), np.array([100, 1, 33, 64])
+    mixed = p.plan(np.arange(MAX_REQS + 1), seq_lens, table, n_global=n_global,
+                   n_local=n_local)
+    assert [tuple(x.shape) for x in fields(mixed)] == shapes
+    assert [x.data_ptr() for x in fields(mixed)] == addresses
+    (group,) = mixed.groups
+    assert group.n_global.tolist() == n_global.tolist()
+    assert group.n_local.tolist() == n_local.tolist()
+    expected = visible_pages(seq_lens - 1, seq_lens - 1, CONFIG.page_size, n_global, n_local,
+                             decode_pages(CONFIG))
+    bases = np.where(expected < 0, PADDING_PAGE_BASE, expected * CONFIG.page_size)
+    assert group.page_base.tolist() == bases.tolist()
+
+
+@pytest.mark.parametrize("name, n_global, n_local", [
+    ("n_global", [41, 40], None), ("n_global", [-1, 0], None),
+    ("n_local", None, [100, 101]), ("n_local", None, [0, 5])])
+def test_per_request_values_outside_the_engine_range_fail_naming_the_setting(
+        name, n_global, n_local):
+    allowed = {"n_global": r"\[0, 40\]", "n_local": r"\[1, 100\]"}[name]
+    with pytest.raises(ValueError, match=f"per-request {name} must give {allowed}"):
+        planner().plan(np.array([0, 1, 2]), np.array([10, 300]), block_table(2),
+                       n_global=n_global, n_local=n_local)

@@ -3,10 +3,12 @@ reference and the CPU serving path (cpu_attention's kernel, what `run` calls on 
 
 Each case streams requests through the cache the way the engine does (history written in
 chunks, possibly through a ring of pages), then runs one final mixed step (decodes and
-prefill chunks together) and compares every query's output with the oracle.
+prefill chunks together) and compares every query's output with the oracle. In the
+per-request cases each request narrows n_global and n_local to its own values
+(request_settings.py), and its oracle is the formula with those values.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -36,6 +38,11 @@ class Case:
     history_chunk: int
     ring: bool
     requests: list  # (context length after the final step, queries in the final step)
+    # per request (n_global, n_local) at most the engine's (above); empty: the engine's
+    narrowed: list = field(default_factory=list)
+
+    def settings(self, row: int) -> tuple[int, int]:
+        return self.narrowed[row] if self.narrowed else (self.n_global, self.n_local)
 
 
 CASES = {
@@ -55,6 +62,16 @@ CASES = {
                                 [(300, 1), (100, 1), (120, 20)]),
     # tiles of 64 queries exceed L - B + 2 = 26: the per-page query rotation serves them
     "tiles-longer-than-l": Case(8, 8, 24, 32, 4, 2, 16, 16, "gptj", 64, True, [(200, 64)]),
+    # one batch, each request its own values: none pinned, a window of one, values off the
+    # page grid, the engine's own, and one stream twice with different values
+    "per-request-mixed-ring": Case(16, 64, 256, 256, 6, 2, 64, 64, "neox", 64, True,
+                                   [(300, 1), (37, 37), (290, 20), (700, 64), (16, 1),
+                                    (300, 1)],
+                                   narrowed=[(0, 241), (64, 256), (20, 100), (33, 1), (5, 16),
+                                             (64, 256)]),
+    "per-request-tiny-pages-gptj": Case(4, 5, 20, 24, 4, 4, 8, 8, "gptj", 7, True,
+                                        [(90, 7), (3, 1), (61, 1), (90, 7)],
+                                        narrowed=[(5, 20), (2, 9), (0, 3), (1, 13)]),
 }
 
 
@@ -72,14 +89,18 @@ TILE_QUERIES = {"cpu-chunk-tiles": cpu_attention.tile_queries}
 
 
 def step(config, cache, block_table, ring_pages, batch, *, attend, rotation=None, scale=1.0,
-         tile_queries=DEFAULT_TILE_QUERIES, tail_start=None):
+         tile_queries=DEFAULT_TILE_QUERIES, tail_start=None, settings=None):
     """One engine step. batch: [(request row, context after step, q, k, v for its queries)];
-    tail_start: per batch entry, as StepPlanner.plan."""
+    tail_start: per batch entry, as StepPlanner.plan; settings(row) -> that request's
+    (n_global, n_local), or None for the engine's."""
     rows = [b[0] for b in batch]
     query_lens = [len(b[2]) for b in batch]
+    n_global, n_local = (np.array([settings(row) for row in rows]).T if settings
+                         else (None, None))
     plan = build_plan(config, np.concatenate([[0], np.cumsum(query_lens)]),
                       np.array([b[1] for b in batch]), block_table[rows], ring_pages,
-                      tile_queries=tile_queries, tail_start=tail_start)
+                      tile_queries=tile_queries, tail_start=tail_start,
+                      n_global=n_global, n_local=n_local)
     cat = lambda i: torch.cat([b[i] for b in batch]).float()
     write_kv(plan, cat(3), cat(4), cache)
     if attend:
@@ -132,17 +153,19 @@ def test_paths_match_the_float64_oracle(name, path):
     scale = case.head_dim ** -0.5
     tiles = TILE_QUERIES.get(path, lambda config: DEFAULT_TILE_QUERIES)(config)
     outputs = step(config, cache, block_table, ring_pages, batch, attend=PATHS[path],
-                   rotation=rotation_table(case, inv_freq), scale=scale, tile_queries=tiles)
+                   rotation=rotation_table(case, inv_freq), scale=scale, tile_queries=tiles,
+                   settings=case.settings if case.narrowed else None)
 
     for row, ((context, final), (q, k, v), out) in enumerate(zip(case.requests, streams, outputs)):
         positions = torch.arange(context - final, context)
-        expected = oracle.lambda_attention(q[context - final:], k, v, positions, case.n_global,
-                                           case.n_local, case.trained_length, case.page_size,
+        n_global, n_local = case.settings(row)
+        expected = oracle.lambda_attention(q[context - final:], k, v, positions, n_global,
+                                           n_local, case.trained_length, case.page_size,
                                            inv_freq, case.style, scale=scale)
         error = (out.double() - expected).abs()
         worst = np.unravel_index(int(error.argmax()), error.shape)
         assert float(error.max()) < FLOAT32_ATOL, (
-            f"request {row}: max error {float(error.max()):.2e} at query position "
+            f"request {row} (n_global={n_global}, n_local={n_local}): max error {float(error.max()):.2e} at query position "
             f"{int(positions[worst[0]])}, head {worst[1]} (page "
             f"{int(positions[worst[0]]) // case.page_size})")
 

@@ -62,8 +62,10 @@ def _setup(case, seed=0):
     width = config.num_pinned_pages + config.num_ring_pages
     num_blocks = len(seq_lens) * width + 3
     block_table = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width]
+    narrowed = np.array(case.get("narrowed", [(config.n_global, config.n_local)] * len(seq_lens)))
     plan = build_plan(config, query_start_loc, seq_lens, block_table.view(-1, width),
-                      num_ring_pages=config.num_ring_pages, tile_queries=case.get("tile", 32))
+                      num_ring_pages=config.num_ring_pages, tile_queries=case.get("tile", 32),
+                      n_global=narrowed[:, 0], n_local=narrowed[:, 1])
     dtype, d = case["dtype"], case["D"]
     kv_cache = torch.randn(num_blocks, case["Hkv"], case["B"], 2 * d, generator=g).to(dtype)
     # slots no request has written yet (past its last position) hold NaN: a kernel must
@@ -121,6 +123,19 @@ CASES = {
     "far_boundary_fp32": dict(B=8, L=32, n_global=40, n_local=24, D=32, H=2, Hkv=1,
                               dtype=torch.float32, tile=200,
                               requests=[(200, 200), (7, 75), (12, 55)]),
+    # each request its own (n_global, n_local) (request_settings.py), at most the engine's:
+    # decodes with different values in one group (what a CUDA graph replays), chunks with
+    # none pinned, a window of one, values off the page grid; one tile per request chunk
+    "per_request_decode_mix_fp32": dict(B=16, L=128, n_global=40, n_local=100, D=32, H=4,
+                                        Hkv=2, dtype=torch.float32,
+                                        requests=[(1, 500), (1, 500), (1, 37), (1, 1000),
+                                                  (70, 70), (33, 533)],
+                                        narrowed=[(40, 100), (0, 1), (17, 33), (3, 64),
+                                                  (0, 20), (21, 99)]),
+    "per_request_whole_chunks_fp32": dict(B=8, L=64, n_global=12, n_local=64, D=32, H=2,
+                                          Hkv=1, dtype=torch.float32, tile=200,
+                                          requests=[(150, 150), (150, 150), (37, 5037)],
+                                          narrowed=[(12, 64), (5, 17), (0, 1)]),
     "whole_chunks_fp16": dict(B=16, L=128, n_global=64, n_local=113, D=64, H=2, Hkv=1,
                               dtype=torch.float16, tile=300,
                               requests=[(300, 2_000_000), (300, 300), (5, 70)]),

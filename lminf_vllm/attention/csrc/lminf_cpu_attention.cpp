@@ -342,12 +342,14 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
 // Λ-attention for one tile group of the plan, written into output's rows.
 //   query, output:   [T_all, H, D]          kv_cache: [num_blocks, Hkv, B, 2D]
 //   query_rows, query_position: [N, T]      page_block, page_base: [N, P] (int64)
+//   n_global, n_local: [N] int64, each tile's request's own values
 //   cos_sin: [A, rotary_dim] float32, the query rotation table (angle |a| per row)
 void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor output,
                   const at::Tensor& query_rows, const at::Tensor& query_position,
                   const at::Tensor& page_block, const at::Tensor& page_base,
+                  const at::Tensor& n_global, const at::Tensor& n_local,
                   const at::Tensor& cos_sin, int64_t rotary_dim, bool is_neox_style,
-                  int64_t n_global, int64_t n_local, int64_t trained_length, double scale) {
+                  int64_t trained_length, double scale) {
   TORCH_CHECK(query.device().is_cpu() && kv_cache.device().is_cpu(), "lminf: CPU tensors only");
   TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
                   output.scalar_type() == query.scalar_type(),
@@ -358,16 +360,14 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "lminf: heads must group over KV heads");
   TORCH_CHECK(query.size(2) <= 512 && rotary_dim <= query.size(2) && rotary_dim % 2 == 0,
               "lminf: head_dim <= 512 and an even rotary_dim <= head_dim");
-  for (const at::Tensor* index : {&query_rows, &query_position, &page_block, &page_base}) {
+  for (const at::Tensor* index :
+       {&query_rows, &query_position, &page_block, &page_base, &n_global, &n_local}) {
     TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous(),
                 "lminf: plan indices must be contiguous int64");
   }
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
                   cos_sin.size(0) > trained_length,
               "lminf: cos_sin must be contiguous float32 with angles 0..L");
-  const Settings settings{n_global,     n_local,       trained_length,
-                          kv_cache.size(2), rotary_dim, is_neox_style,
-                          static_cast<float>(scale)};
   const int64_t num_tiles = query_rows.size(0), tile_length = query_rows.size(1);
   const int64_t num_pages = page_block.size(1), num_kv_heads = kv_cache.size(1);
   const int64_t blocks = (tile_length + kQueryBlock - 1) / kQueryBlock;
@@ -377,6 +377,10 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
   const int64_t* positions = query_position.data_ptr<int64_t>();
   const int64_t* blocks_of = page_block.data_ptr<int64_t>();
   const int64_t* bases = page_base.data_ptr<int64_t>();
+  const int64_t* tile_n_global = n_global.data_ptr<int64_t>();
+  const int64_t* tile_n_local = n_local.data_ptr<int64_t>();
+  TORCH_CHECK(n_global.numel() == num_tiles && n_local.numel() == num_tiles,
+              "lminf: n_global and n_local are per tile, [N]");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "lminf", [&] {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -385,6 +389,9 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
         const int64_t tile = item / blocks / num_kv_heads;
         const int64_t first = tile * tile_length + block * kQueryBlock;
         const int64_t count = std::min(kQueryBlock, tile_length - block * kQueryBlock);
+        const Settings settings{tile_n_global[tile], tile_n_local[tile],   trained_length,
+                                kv_cache.size(2),    rotary_dim,           is_neox_style,
+                                static_cast<float>(scale)};
         attend_item<scalar_t>(query, kv_cache, output, rows + first, positions + first,
                               blocks_of + tile * num_pages, bases + tile * num_pages,
                               num_pages, count, kv_head, table, settings);
@@ -398,8 +405,8 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
 TORCH_LIBRARY(lminf_cpu, m) {
   m.def(
       "attend_group(Tensor query, Tensor kv_cache, Tensor(a!) output, Tensor query_rows, "
-      "Tensor query_position, Tensor page_block, Tensor page_base, Tensor cos_sin, "
-      "int rotary_dim, bool is_neox_style, int n_global, int n_local, int trained_length, "
-      "float scale) -> ()");
+      "Tensor query_position, Tensor page_block, Tensor page_base, Tensor n_global, "
+      "Tensor n_local, Tensor cos_sin, int rotary_dim, bool is_neox_style, "
+      "int trained_length, float scale) -> ()");
   m.impl("attend_group", c10::DispatchKey::CPU, &attend_group);
 }
