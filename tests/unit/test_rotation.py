@@ -38,10 +38,10 @@ def test_cpu_path_tiles_and_table():
     config = LMInfConfig(n_global=64, n_local=256, trained_length=256, page_size=16,
                          max_prefill_chunk_tokens=4096)
     rotation = QueryRotation(model_table(257), 64, True)
+    # the CPU kernel blocks a whole chunk's queries itself
     tile = plan_tile_queries(config, torch.device("cpu"))
-    assert tile == cpu_attention.tile_queries(config) == 64
-    # the CPU path turns keys by up to L + B past the tile's anchor and queries by a tile
-    assert (rotation_for(rotation, config, torch.device("cpu")).cos_sin.shape[0]
-            == cpu_attention.angles_needed(config, tile) == 256 + 16 + 64 + 1)
-    # on CUDA the backend plans one tile per chunk (the table grows with it: triton_prefill)
+    assert tile == cpu_attention.tile_queries(config) == 4096
+    # it turns queries by query_angle, in [-(B - 1), L]: the model's own L + 1 rows serve
+    assert rotation_for(rotation, config, torch.device("cpu")).cos_sin.shape[0] == 257
+    # on CUDA the backend plans one tile per chunk too (the table grows with it: triton_prefill)
     assert plan_tile_queries(config, torch.device("cuda")) == 4096
