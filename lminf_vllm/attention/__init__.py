@@ -57,11 +57,14 @@ def rotation_for(rotation: QueryRotation, config: LMInfConfig,
                  device: torch.device) -> QueryRotation:
     """The query rotation table on `device`, with every angle that device's path reads."""
     impl = impl_for(config, device)
-    if impl != "triton":  # both CPU paths turn queries by query_angle: the model's L + 1 rows
+    if impl == "reference":  # turns queries by query_angle: the model's L + 1 rows serve
         return rotation.to(device)
-    from lminf_vllm.attention.triton_prefill import angles_needed  # imports triton
-    rotation = rotation.with_angles(angles_needed(config, plan_tile_queries(config, device)))
-    return rotation.to(device)
+    if impl == "cpu":
+        rows = cpu_attention.angles_needed(config)
+    else:
+        from lminf_vllm.attention.triton_prefill import angles_needed  # imports triton
+        rows = angles_needed(config, plan_tile_queries(config, device))
+    return rotation.with_angles(rows).to(device)
 
 
 def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:

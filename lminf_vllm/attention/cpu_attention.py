@@ -38,6 +38,17 @@ ISA_FLAGS = {
 }
 
 
+# Queries per work item of the kernel (kQueryBlock in the C++ source).
+QUERY_BLOCK = 128
+
+
+def angles_needed(config) -> int:
+    """Rows of the rotation table the kernel reads: query angles lie in [-(B - 1), L], and
+    a GEMM-sized block's frame turns reach QUERY_BLOCK + B (QueryRotation.with_angles
+    composes rows past L from the model's own)."""
+    return max(config.trained_length, QUERY_BLOCK + config.page_size) + 1
+
+
 def tile_queries(config) -> int:
     """Queries per plan tile: a whole chunk. The kernel cuts tiles into blocks itself and
     skips, per block, the pages none of its queries sees, so longer tiles cost nothing."""
@@ -74,6 +85,7 @@ def attend(plan: AttentionPlan, query: torch.Tensor, kv_cache: torch.Tensor,
            output: torch.Tensor, rotation: QueryRotation, scale: float) -> None:
     """Λ-attention for every query of the step. query, output: [T_all, H, D]."""
     ops = kernel()
+    rotation = rotation.with_angles(angles_needed(plan.config))  # itself when long enough
     for group in plan.groups:
         ops.attend_group(query, kv_cache, output, group.query_rows, group.query_position,
                          group.page_block, group.page_base, group.n_global, group.n_local,

@@ -41,7 +41,9 @@ def test_cpu_path_tiles_and_table():
     # the CPU kernel blocks a whole chunk's queries itself
     tile = plan_tile_queries(config, torch.device("cpu"))
     assert tile == cpu_attention.tile_queries(config) == 4096
-    # it turns queries by query_angle, in [-(B - 1), L]: the model's own L + 1 rows serve
-    assert rotation_for(rotation, config, torch.device("cpu")).cos_sin.shape[0] == 257
+    # it turns queries by query_angle, in [-(B - 1), L], and GEMM-sized blocks into their
+    # first page's frame, up to 128 + B: here the model's own L + 1 rows serve
+    assert (rotation_for(rotation, config, torch.device("cpu")).cos_sin.shape[0]
+            == cpu_attention.angles_needed(config) == 257)
     # on CUDA the backend plans one tile per chunk too (the table grows with it: triton_prefill)
     assert plan_tile_queries(config, torch.device("cuda")) == 4096

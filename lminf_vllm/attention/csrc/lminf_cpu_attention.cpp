@@ -79,18 +79,20 @@ inline PageWindow window_of(int64_t position, int64_t page_base, const Settings&
   return {std::max<int64_t>(0, offset - s.n_local + 1), std::min(s.page_size - 1, offset)};
 }
 
-// rows_out[g * D + d] = scale * (row g turned by `angle`), for the `group` rows of one query.
+// rows_out[g * D + d] = scale * (row g turned by `angle`), for `group` rows (a query's heads,
+// or a page's keys) that share one angle.
 template <typename scalar_t>
 void turn_rows(const scalar_t* rows, int64_t row_stride, int64_t group, int64_t head_dim,
-               int64_t angle, const float* cos_sin, const Settings& s, float* rows_out) {
+               int64_t angle, const float* cos_sin, const Settings& s, float scale,
+               float* rows_out) {
   const int64_t half = s.rotary_dim / 2;
   const float* cos = cos_sin + std::abs(angle) * s.rotary_dim;
   const float* sin = cos + half;
   const float sign = angle < 0 ? -1.0f : 1.0f;
   float cos_row[256], sin_row[256];  // half <= 256: head_dim <= 512 (checked by the caller)
   for (int64_t j = 0; j < half; ++j) {
-    cos_row[j] = s.scale * cos[j];
-    sin_row[j] = s.scale * sign * sin[j];
+    cos_row[j] = scale * cos[j];
+    sin_row[j] = scale * sign * sin[j];
   }
   for (int64_t g = 0; g < group; ++g) {
     const scalar_t* x = rows + g * row_stride;
@@ -113,7 +115,7 @@ void turn_rows(const scalar_t* rows, int64_t row_stride, int64_t group, int64_t 
       }
     }
     for (int64_t d = s.rotary_dim; d < head_dim; ++d) {
-      out[d] = s.scale * static_cast<float>(x[d]);
+      out[d] = scale * static_cast<float>(x[d]);
     }
   }
 }
@@ -265,6 +267,29 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
   const int64_t block_stride = kv_cache.stride(0), head_stride = kv_cache.stride(1);
 
   std::vector<float> turned(rows * head_dim), keys_t(head_dim * page_size);
+  // GEMM-sized blocks turn the rows once into the frame of the block's first page (base r)
+  // and, for every page all their queries see near (t - b_p <= L), the page's keys by
+  // b_p - r instead: the same logits (R(a) q . k = R(b_t - r) q . R(b_p - r) k for
+  // a = b_t - b_p), with the turn on the page's keys rather than on every row.
+  int64_t first_t = query_position[0], last_t = query_position[0];
+  for (int64_t i = 1; i < num_queries; ++i) {
+    first_t = std::min(first_t, query_position[i]);
+    last_t = std::max(last_t, query_position[i]);
+  }
+  // (a block's queries are consecutive positions of one request; the table covers that)
+  const bool turn_keys = rows >= kGemmRows && last_t - first_t < kQueryBlock;
+  const int64_t anchor = first_t - first_t % page_size;
+  std::vector<float> block_rows, turned_keys;
+  if (turn_keys) {
+    block_rows.resize(rows * head_dim);
+    turned_keys.resize(page_size * head_dim);
+    for (int64_t i = 0; i < num_queries; ++i) {
+      const int64_t t = query_position[i];
+      turn_rows(q_data + query_rows[i] * q_row_stride + kv_head * group * q_head_stride,
+                q_head_stride, group, head_dim, t - t % page_size - anchor, cos_sin, s,
+                s.scale, block_rows.data() + i * group * head_dim);
+    }
+  }
   std::vector<float> logits(rows * page_size);
   std::vector<float> acc(rows * head_dim, 0.0f), row_max(rows, kNegInf), row_sum(rows, 0.0f);
   std::vector<float> page_copy;  // keys and values as float when the cache is not float
@@ -296,14 +321,21 @@ void attend_item(const at::Tensor& query, const at::Tensor& kv_cache, at::Tensor
       kv = page_copy.data();
     }
 
-    for (int64_t i = 0; i < num_queries; ++i) {
-      const int64_t t = query_position[i];
-      const int64_t angle = std::min(t - base, s.trained_length) - t % page_size;
-      turn_rows(q_data + query_rows[i] * q_row_stride + kv_head * group * q_head_stride,
-                q_head_stride, group, head_dim, angle, cos_sin, s,
-                turned.data() + i * group * head_dim);
+    if (turn_keys && last_t - base <= s.trained_length) {
+      turn_rows(kv, width, keys, head_dim, base - anchor, cos_sin, s, 1.0f, turned_keys.data());
+      page_logits(block_rows.data(), rows, turned_keys.data(), head_dim, keys, head_dim,
+                  keys_t.data(), logits.data());
+    } else {
+      for (int64_t i = 0; i < num_queries; ++i) {
+        const int64_t t = query_position[i];
+        const int64_t angle = std::min(t - base, s.trained_length) - t % page_size;
+        turn_rows(q_data + query_rows[i] * q_row_stride + kv_head * group * q_head_stride,
+                  q_head_stride, group, head_dim, angle, cos_sin, s, s.scale,
+                  turned.data() + i * group * head_dim);
+      }
+      page_logits(turned.data(), rows, kv, width, keys, head_dim, keys_t.data(),
+                  logits.data());
     }
-    page_logits(turned.data(), rows, kv, width, keys, head_dim, keys_t.data(), logits.data());
 
     for (int64_t i = 0; i < num_queries; ++i) {
       const PageWindow w = windows[i];
@@ -368,6 +400,10 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
                   cos_sin.size(0) > trained_length,
               "lminf: cos_sin must be contiguous float32 with angles 0..L");
+  // The block-frame turns (attend_item) reach kQueryBlock + B past a block's first page.
+  TORCH_CHECK(cos_sin.size(0) > std::max(trained_length, kQueryBlock + kv_cache.size(2)),
+              "lminf: cos_sin needs angles 0..max(L, ", kQueryBlock, " + B) "
+              "(cpu_attention.angles_needed)");
   const int64_t num_tiles = query_rows.size(0), tile_length = query_rows.size(1);
   const int64_t num_pages = page_block.size(1), num_kv_heads = kv_cache.size(1);
   const int64_t blocks = (tile_length + kQueryBlock - 1) / kQueryBlock;
