@@ -97,25 +97,3 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return rotated
     return torch.cat([rotated, passthrough.expand(*rotated.shape[:-1], -1)], dim=-1)
 
-
-def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                is_neox_style: bool) -> None:
-    """`rotate` written into `out` (same shape as x, not aliasing it), with no temporaries.
-
-    The fast CPU path turns every gathered key of a layer with this; building the result
-    out of views of `out` keeps it to five passes over the data and no allocation.
-    """
-    rotary_dim = 2 * cos.shape[-1]
-    half = rotary_dim // 2
-    if is_neox_style:
-        pairs = lambda t: (t[..., :half], t[..., half:rotary_dim])
-    else:
-        pairs = lambda t: (t[..., 0:rotary_dim:2], t[..., 1:rotary_dim:2])
-    x1, x2 = pairs(x)
-    y1, y2 = pairs(out)
-    torch.mul(x1, cos, out=y1)
-    y1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=y2)
-    y2.addcmul_(x1, sin)
-    if rotary_dim < x.shape[-1]:
-        out[..., rotary_dim:] = x[..., rotary_dim:]
