@@ -68,7 +68,11 @@ def rotation_for(rotation: QueryRotation, config: LMInfConfig,
 
 
 def write_kv(plan: AttentionPlan, key, value, kv_cache) -> None:
-    """Store the step's new keys (already in the page-local frame) and values."""
+    """Store the step's new keys (already in the page-local frame) and values: the cpu
+    path's kernel, else the reference's indexed assignment (one op per tensor on CUDA)."""
+    if impl_for(plan.config, key.device) == "cpu":
+        cpu_attention.write_kv(plan, key, value, kv_cache)
+        return
     reference.write_kv(key, value, kv_cache, plan.slot_block, plan.slot_offset)
 
 

@@ -81,6 +81,13 @@ def kernel():
     return torch.ops.lminf_cpu
 
 
+def write_kv(plan: AttentionPlan, key: torch.Tensor, value: torch.Tensor,
+             kv_cache: torch.Tensor) -> None:
+    """reference.write_kv in one kernel call. key, value: [T, Hkv, D]."""
+    kernel().write_kv(key.to(kv_cache.dtype), value.to(kv_cache.dtype), kv_cache,
+                      plan.slot_block, plan.slot_offset)
+
+
 def attend(plan: AttentionPlan, query: torch.Tensor, kv_cache: torch.Tensor,
            output: torch.Tensor, rotation: QueryRotation, scale: float) -> None:
     """Λ-attention for every query of the step. query, output: [T_all, H, D]."""

@@ -45,3 +45,37 @@ def test_half_precision_caches_match_the_float32_reference(dtype):
     reference.attend(plan, query.float(), cache.float(), expected, rotation, head_dim ** -0.5)
     assert output.dtype == dtype
     assert float((output.float() - expected).abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_write_kv_kernel_matches_the_reference(dtype):
+    """The kernel's write_kv stores what reference.write_kv stores, bit for bit, from the
+    strided key/value views vLLM hands over (slices of one qkv tensor), including padding
+    tokens sent to the padding block."""
+    torch.manual_seed(0)
+    page_size, kv_heads, head_dim, tokens = 16, 2, 32, 37
+    config = LMInfConfig(8, 40, 64, page_size, 64)
+    num_blocks = config.num_pinned_pages + config.num_ring_pages + 3
+    # block 0 is the padding block (vLLM's null block), never a request's
+    block_table = (1 + torch.randperm(num_blocks - 1))[None, :num_blocks - 3]
+    plan = build_plan(config, np.array([0, tokens - 5]), np.array([100]), block_table,
+                      config.num_ring_pages, num_tokens=tokens)
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim).to(dtype)
+    key = qkv[:, 4 * head_dim:(4 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    value = qkv[:, (4 + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    shape = (num_blocks, kv_heads, page_size, 2 * head_dim)
+    expected = torch.full(shape, float("nan"), dtype=dtype)
+    written = expected.clone()
+    reference.write_kv(key, value, expected, plan.slot_block, plan.slot_offset)
+    cpu_attention.write_kv(plan, key, value, written)
+    assert torch.equal(written.isnan(), expected.isnan())
+    assert torch.equal(written.nan_to_num(), expected.nan_to_num())
+    assert int((~written.isnan()).sum()) == tokens * kv_heads * 2 * head_dim - (
+        5 - 1) * kv_heads * 2 * head_dim  # 5 padding tokens share one padding slot
+
+
+def test_write_kv_kernel_refuses_a_slot_outside_the_cache():
+    cache = torch.zeros(3, 1, 16, 8)
+    plan = type("Plan", (), {"slot_block": torch.tensor([3]), "slot_offset": torch.tensor([0])})
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_attention.write_kv(plan, torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), cache)

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -436,6 +437,55 @@ void attend_group(const at::Tensor& query, const at::Tensor& kv_cache, at::Tenso
   });
 }
 
+// kv_cache[slot_block[i], h, slot_offset[i]] = [key[i, h], value[i, h]] for every new token
+// (reference.write_kv, in one pass: a decode step writes a few rows per layer, where two
+// indexed assignments cost more than the copy).
+//   key, value: [T, Hkv, D] (head dims contiguous), kv_cache's dtype
+//   slot_block, slot_offset: [T] int64
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
+              const at::Tensor& slot_block, const at::Tensor& slot_offset) {
+  TORCH_CHECK(key.device().is_cpu() && value.device().is_cpu() && kv_cache.device().is_cpu(),
+              "lminf: CPU tensors only");
+  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() &&
+                  value.scalar_type() == kv_cache.scalar_type(),
+              "lminf: key, value and kv_cache must share one dtype");
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.stride(2) == 1 &&
+                  value.stride(2) == 1,
+              "lminf: key and value are [T, Hkv, D] with contiguous head dims");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.size(1) == key.size(1) &&
+                  kv_cache.size(3) == 2 * key.size(2),
+              "lminf: kv_cache is [blocks, Hkv, B, 2D]");
+  for (const at::Tensor* index : {&slot_block, &slot_offset}) {
+    TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous() &&
+                    index->numel() == key.size(0),
+                "lminf: slot_block and slot_offset are contiguous int64 [T]");
+  }
+  const int64_t tokens = key.size(0), kv_heads = key.size(1), head_dim = key.size(2);
+  const int64_t num_blocks = kv_cache.size(0), page_size = kv_cache.size(2);
+  const int64_t* blocks = slot_block.data_ptr<int64_t>();
+  const int64_t* offsets = slot_offset.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens; ++i) {
+    TORCH_CHECK(blocks[i] >= 0 && blocks[i] < num_blocks && offsets[i] >= 0 &&
+                    offsets[i] < page_size,
+                "lminf: slot (", blocks[i], ", ", offsets[i], ") outside the cache");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "lminf", [&] {
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+    const size_t bytes = head_dim * sizeof(scalar_t);
+    for (int64_t i = 0; i < tokens; ++i) {
+      scalar_t* slot = cache + blocks[i] * kv_cache.stride(0) + offsets[i] * kv_cache.stride(2);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::memcpy(slot + h * kv_cache.stride(1), k + i * key.stride(0) + h * key.stride(1),
+                    bytes);
+        std::memcpy(slot + h * kv_cache.stride(1) + head_dim,
+                    v + i * value.stride(0) + h * value.stride(1), bytes);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lminf_cpu, m) {
@@ -445,4 +495,8 @@ TORCH_LIBRARY(lminf_cpu, m) {
       "Tensor n_local, Tensor cos_sin, int rotary_dim, bool is_neox_style, "
       "int trained_length, float scale) -> ()");
   m.impl("attend_group", c10::DispatchKey::CPU, &attend_group);
+  m.def(
+      "write_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_block, "
+      "Tensor slot_offset) -> ()");
+  m.impl("write_kv", c10::DispatchKey::CPU, &write_kv);
 }
