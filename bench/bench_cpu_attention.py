@@ -19,6 +19,7 @@ import torch
 
 from common import machine, save
 
+from lminf_vllm import rope_frame
 from lminf_vllm.attention import QueryRotation, build_plan, cpu_attention, reference
 from lminf_vllm.config import LMInfConfig
 
@@ -96,9 +97,13 @@ def main() -> None:
                                                      rotation, 0.125), 1),
     }
     first = args.context - args.chunk
+    # lminf's visible pairs, counted from the mask itself (DESIGN §2): below L a query
+    # sees its whole causal past, past L the global prefix and its window.
+    position = torch.arange(first, args.context)[:, None]
+    key = torch.arange(args.context)[None, :]
+    lminf_pairs = int(rope_frame.visible(position, key, config.n_global, config.n_local).sum())
     pairs = {"vllm_cpu_kernel_causal": args.chunk * first + args.chunk * (args.chunk + 1) // 2,
-             "lminf_cpu_attention": args.chunk * (WINDOW + 64),
-             "lminf_reference": args.chunk * (WINDOW + 64)}
+             "lminf_cpu_attention": lminf_pairs, "lminf_reference": lminf_pairs}
     clock = time.process_time if args.cpu_time else time.perf_counter
     seconds = {name: best_seconds(fn, repeats, clock) for name, (fn, repeats) in paths.items()}
     print(f"chunk {args.chunk} at context {args.context}, {args.threads} threads, "

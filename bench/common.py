@@ -49,6 +49,10 @@ def save(name: str, result: dict, results_dir: Path = RESULTS) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     day = datetime.date.today().isoformat()
     path = results_dir / f"{day}_cpu_{name}.json"
+    run = 2
+    while path.exists():  # a second run the same day keeps the first one's numbers
+        path = results_dir / f"{day}_cpu_{name}_run{run}.json"
+        run += 1
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2))
     return path
 
