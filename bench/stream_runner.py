@@ -497,6 +497,26 @@ def throughput_dense(dense: DenseCache, chunk: int, chunks: int, decode_steps: i
     return result
 
 
+def model_without_attention(model: Llama, chunks: int, seed: int, log) -> dict:
+    """Where a prefill chunk's time goes: the same chunks of L tokens through the model with
+    attention left out (each layer's attention output is its query, no cache written), so
+    that a path's attention (its cache writes, key turn and kernels included) is its chunk
+    time minus this."""
+    device = model.device
+    length = model.trained_length
+    vocab = model.w["embed_tokens.weight"].shape[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    prompt = [torch.randint(0, vocab, (length,), generator=g, device=device)
+              for _ in range(chunks)]
+    frame = torch.arange(length, device=device) % PAGE_SIZE
+    skip = lambda layer, q, k, v: q  # noqa: E731
+    model.forward(prompt[0], frame, skip, last_only=True)  # warm-up
+    prefill_s = timed(lambda i: model.forward(prompt[i], frame, skip, last_only=True), chunks)
+    result = dict(prefill_ms_per_chunk=1e3 * prefill_s)
+    log(f"model without attention: {result}")
+    return result
+
+
 def throughput(model: Llama, positions, chunk: int, args, log) -> dict:
     """Λ at each position against the dense baseline at L, same model, same run; the
     baseline runs before and after (clocks can drift over a run) and the faster of its two
@@ -514,6 +534,11 @@ def throughput(model: Llama, positions, chunk: int, args, log) -> dict:
         best = max(results["dense"][key], results["dense_after"][key])
         for r in results["lminf"]:
             r[key.split("_")[0] + "_vs_dense"] = r[key] / best
+    rest = model_without_attention(model, args.chunks, 4, log)["prefill_ms_per_chunk"]
+    results["model_without_attention"] = dict(prefill_ms_per_chunk=rest)
+    for r in [results["dense"], results["dense_after"]] + results["lminf"]:
+        r["attention_ms_per_chunk"] = r["prefill_ms_per_chunk"] - rest
+        r["attention_ms_per_layer"] = r["attention_ms_per_chunk"] / model.layers
     return results
 
 
@@ -572,6 +597,10 @@ def main():
             print(f"  lminf @ {r['position']:>11,}: prefill {r['prefill_tokens_per_s']:,.0f} "
                   f"tok/s (x{r['prefill_vs_dense']:.3f}), decode "
                   f"{r['decode_tokens_per_s']:,.0f} tok/s (x{r['decode_vs_dense']:.3f})")
+        print(f"  prefill chunk without attention {t['model_without_attention']['prefill_ms_per_chunk']:.2f}"
+              f" ms; attention per layer: dense {d['attention_ms_per_layer']:.3f} / "
+              f"{a['attention_ms_per_layer']:.3f} ms, lminf "
+              + " / ".join(f"{r['attention_ms_per_layer']:.3f}" for r in t["lminf"]) + " ms")
         return
 
     val_path = Path(args.val) if args.val else next(p for p in DEFAULT_VAL if p.exists())

@@ -1,0 +1,159 @@
+"""Λ prefill structures side by side with Triton's dense flash loop, same run (issue 15 item 4).
+
+One 4096-token chunk at 1e6 (bench_kernels' prefill: 4096 x 4160 visible pairs, written in
+bf16 into the step's output), with the window loops arranged in each way the kernel offers
+(`merge_capped`: the far edge's blocks compute both cases from the dense copy instead of a
+capped loop of their own; `window_loop`: 0 masked edges + unmasked middle, 1 one causal
+loop with the mask on every block, 2 the same with the mask behind a per-block branch),
+interleaved with bench/triton_ceiling.py's best kernel (128 x 128, 8 warps, 3 stages, split
+product) on 4096 x 4096, twice round. Each variant's error against the float32 reference,
+registers and spills; the key turn alone as a CUDA-graph replay (its GPU time, not the
+launch's host time); then the 1B model's shape (d64) for the small-head defaults.
+
+    python bench/bench_prefill_variants.py --out prefill_variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_kernels  # noqa: E402
+import triton_ceiling  # noqa: E402
+from lminf_vllm.attention import triton_prefill  # noqa: E402
+
+# (name, arguments over the default shape)
+D128_VARIANTS = [
+    ("default", {}),
+    ("merge", dict(merge_capped=1)),
+    ("merge_edge32", dict(merge_capped=1, edge_block_n=32)),
+    ("loop_masked", dict(window_loop=1)),
+    ("loop_branch", dict(window_loop=2)),
+    ("merge_loop_masked", dict(merge_capped=1, window_loop=1)),
+    ("merge_loop_branch", dict(merge_capped=1, window_loop=2)),
+    ("merge_loop_branch_edge1", dict(merge_capped=1, window_loop=2, edge_stages=1)),
+]
+D64_VARIANTS = [("default", {}), ("merge", dict(merge_capped=1)),
+                ("merge_loop_branch", dict(merge_capped=1, window_loop=2)),
+                ("loop_branch", dict(window_loop=2))]
+
+
+def ceiling_fn():
+    """bench/triton_ceiling.py's best configuration on its own tensors."""
+    T, H, KVH, D = triton_ceiling.T, triton_ceiling.HEADS, triton_ceiling.KV_HEADS, \
+        triton_ceiling.HEAD_DIM
+    q = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(KVH, triton_ceiling.S, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = torch.empty_like(q)
+    flops = 4 * T * triton_ceiling.S * D * H
+
+    def run():
+        triton_ceiling.dense_flash_kernel[(T // 128, H)](
+            q, k, v, out, triton_ceiling.S, D ** -0.5 * triton_ceiling.LOG2E, H=H,
+            GROUP=H // KVH, D=D, BLOCK_M=128, BLOCK_N=128, SPLIT=True, LAZY=False,
+            num_warps=8, num_stages=3)
+    return run, flops
+
+
+def prefill_fn(**kernel_args):
+    plan, q, kv, rot = bench_kernels.setup([(4096, 1_004_096)])
+    scale = bench_kernels.HEAD_DIM ** -0.5
+    output = torch.empty_like(q)
+
+    def run():
+        for group in plan.groups:
+            triton_prefill.attend_group(plan, group, q, kv, rot, scale, output=output,
+                                        **kernel_args)
+    return run
+
+
+def measure(variants, rounds, with_ceiling):
+    pairs = sum(bench_kernels.visible_keys(t) for t in range(1_000_000, 1_004_096))
+    flops = 4 * pairs * bench_kernels.HEAD_DIM * bench_kernels.HEADS
+    fns = {name: prefill_fn(**args) for name, args in variants}
+    rows = {name: dict(args, ms=[], regs=None) for name, args in variants}
+    ceiling, ceiling_flops = ceiling_fn() if with_ceiling else (None, None)
+    ceiling_ms = []
+    for name, fn in fns.items():      # compile (and record registers) outside the timing
+        fn()
+        launch = triton_prefill.LAST_LAUNCH
+        rows[name].update(n_regs=launch.n_regs, n_spills=launch.n_spills)
+    for _ in range(rounds):
+        if ceiling:
+            ceiling_ms.append(bench_kernels.bench(ceiling, rep=300))
+        for name, fn in fns.items():
+            rows[name]["ms"].append(bench_kernels.bench(fn, rep=300))
+    errors = bench_kernels.prefill_errors([args for _, args in variants])
+    for (name, _), err in zip(variants, errors):
+        r = rows[name]
+        r["best_ms"] = min(r["ms"])
+        r["tflops"] = flops / r["best_ms"] / 1e9
+        r["rel_err_vs_reference"] = err
+    result = dict(rows=rows, visible_pairs=pairs)
+    if ceiling:
+        result["ceiling_ms"] = ceiling_ms
+        result["ceiling_tflops"] = ceiling_flops / min(ceiling_ms) / 1e9
+        for r in rows.values():
+            r["of_ceiling"] = r["tflops"] / result["ceiling_tflops"]
+    return result
+
+
+def turn_time(**kernel_args):
+    """GPU time of turn_pages_kernel alone (graph replay of 20 launches)."""
+    plan, q, kv, rot = bench_kernels.setup([(4096, 1_004_096)])
+    shape = dict(triton_prefill.block_shape(plan.config, torch.bfloat16,
+                                            bench_kernels.HEAD_DIM), **kernel_args)
+
+    def run():
+        for group in plan.groups:
+            triton_prefill.turn_pages(group, kv, rot, shape["turn_pages"])
+    return dict(graph_ms=bench_kernels.graph_time(run), eager_ms=bench_kernels.bench(run))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip-d64", action="store_true")
+    args = parser.parse_args()
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=triton.__version__,
+                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    results["d128"] = measure(D128_VARIANTS, args.rounds, True)
+    results["turn_pages_d128"] = turn_time()
+    save()
+    print(f"== d128 (32/8 heads, n_local = L = 4096, chunk 4096 at 1e6), ceiling "
+          f"{results['d128']['ceiling_tflops']:.0f} TF/s "
+          f"({', '.join(f'{m:.3f}' for m in results['d128']['ceiling_ms'])} ms); key turn "
+          f"{results['turn_pages_d128']['graph_ms'] * 1e3:.1f} us (graph) ==", flush=True)
+    for name, r in results["d128"]["rows"].items():
+        print(f"  {name:<26} {r['tflops']:.0f} TF/s ({', '.join(f'{m:.3f}' for m in r['ms'])}"
+              f" ms) = {r['of_ceiling']:.3f} of ceiling; regs {r['n_regs']} spills "
+              f"{r['n_spills']}; err {r['rel_err_vs_reference']:.1e}", flush=True)
+    if args.skip_d64:
+        return
+    bench_kernels.HEAD_DIM = 64     # the stream runner's 1B-class model
+    results["d64"] = measure(D64_VARIANTS, args.rounds, False)
+    save()
+    print("== d64 (the 1B model's attention) ==")
+    for name, r in results["d64"]["rows"].items():
+        print(f"  {name:<26} {r['tflops']:.0f} TF/s ({', '.join(f'{m:.3f}' for m in r['ms'])}"
+              f" ms); regs {r['n_regs']} spills {r['n_spills']}; "
+              f"err {r['rel_err_vs_reference']:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
