@@ -106,16 +106,15 @@ def measure(variants, rounds, with_ceiling):
     return result
 
 
-def turn_time(**kernel_args):
+def turn_time(pages_per_program):
     """GPU time of turn_pages_kernel alone (graph replay of 20 launches)."""
     plan, q, kv, rot = bench_kernels.setup([(4096, 1_004_096)])
-    shape = dict(triton_prefill.block_shape(plan.config, torch.bfloat16,
-                                            bench_kernels.HEAD_DIM), **kernel_args)
 
     def run():
         for group in plan.groups:
-            triton_prefill.turn_pages(group, kv, rot, shape["turn_pages"])
-    return dict(graph_ms=bench_kernels.graph_time(run), eager_ms=bench_kernels.bench(run))
+            triton_prefill.turn_pages(group, kv, rot, pages_per_program)
+    return dict(pages_per_program=pages_per_program, graph_ms=bench_kernels.graph_time(run),
+                eager_ms=bench_kernels.bench(run))
 
 
 def main():
@@ -123,7 +122,13 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-d64", action="store_true")
+    parser.add_argument("--d128", default=None, help="JSON [[name, {arguments}], ...]")
+    parser.add_argument("--d64", default=None, help="JSON [[name, {arguments}], ...]")
+    parser.add_argument("--turn-pages", default="8", help="pages per program to time the "
+                        "key turn with, comma-separated")
     args = parser.parse_args()
+    d128 = json.loads(args.d128) if args.d128 else D128_VARIANTS
+    d64 = json.loads(args.d64) if args.d64 else D64_VARIANTS
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
@@ -132,13 +137,15 @@ def main():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 
-    results["d128"] = measure(D128_VARIANTS, args.rounds, True)
-    results["turn_pages_d128"] = turn_time()
+    results["d128"] = measure(d128, args.rounds, True)
+    results["turn_pages_d128"] = [turn_time(int(p)) for p in args.turn_pages.split(",")]
     save()
     print(f"== d128 (32/8 heads, n_local = L = 4096, chunk 4096 at 1e6), ceiling "
           f"{results['d128']['ceiling_tflops']:.0f} TF/s "
           f"({', '.join(f'{m:.3f}' for m in results['d128']['ceiling_ms'])} ms); key turn "
-          f"{results['turn_pages_d128']['graph_ms'] * 1e3:.1f} us (graph) ==", flush=True)
+          + ", ".join(f"{t['graph_ms'] * 1e3:.1f} us ({t['pages_per_program']} pages per "
+                      f"program)" for t in results["turn_pages_d128"]) + " (graph) ==",
+          flush=True)
     for name, r in results["d128"]["rows"].items():
         print(f"  {name:<26} {r['tflops']:.0f} TF/s ({', '.join(f'{m:.3f}' for m in r['ms'])}"
               f" ms) = {r['of_ceiling']:.3f} of ceiling; regs {r['n_regs']} spills "
@@ -146,7 +153,7 @@ def main():
     if args.skip_d64:
         return
     bench_kernels.HEAD_DIM = 64     # the stream runner's 1B-class model
-    results["d64"] = measure(D64_VARIANTS, args.rounds, False)
+    results["d64"] = measure(d64, args.rounds, False)
     save()
     print("== d64 (the 1B model's attention) ==")
     for name, r in results["d64"]["rows"].items():

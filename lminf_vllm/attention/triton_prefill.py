@@ -67,8 +67,7 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=2, general_block_n=64, general_stages=1,
-                          far_block_n=64, turn_pages=8, merge_capped=0,
-                          window_loop=0)
+                          far_block_n=64, turn_pages=8, merge_capped=1, window_loop=0)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
@@ -76,19 +75,17 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 # against 279 for the 128-row shape, which leaves one program per SM.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=32, edge_stages=2, general_block_n=32,
-                                     general_stages=1, far_block_n=64, turn_pages=8, merge_capped=0,
-                                     window_loop=0)
+                                     general_stages=1, far_block_n=64, turn_pages=8,
+                                     merge_capped=1, window_loop=2)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
-                           far_block_n=64, turn_pages=8, merge_capped=0,
-                           window_loop=0)
+                           far_block_n=64, turn_pages=8, merge_capped=0, window_loop=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
-                      far_block_n=32, turn_pages=4, merge_capped=0,
-                      window_loop=0)
+                      far_block_n=32, turn_pages=4, merge_capped=0, window_loop=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
