@@ -3,14 +3,18 @@
 One 4096-token chunk at 1e6 (bench_kernels' prefill: 4096 x 4160 visible pairs, written in
 bf16 into the step's output), with the window loops arranged in each way the kernel offers
 (`merge_capped`: the far edge's blocks compute both cases from the dense copy instead of a
-capped loop of their own; `window_loop`: 0 masked edges + unmasked middle, 1 one causal
-loop with the mask on every block, 2 the same with the mask behind a per-block branch),
+capped loop of their own; `causal_loop`: past the far edge one causal loop whose blocks are
+masked behind a per-block branch, instead of an unmasked middle and a masked diagonal),
 interleaved with bench/triton_ceiling.py's best kernel (128 x 128, 8 warps, 3 stages, split
 product) on 4096 x 4096, twice round. Each variant's error against the float32 reference,
 registers and spills; the key turn alone as a CUDA-graph replay (its GPU time, not the
-launch's host time); then the 1B model's shape (d64) for the small-head defaults.
+launch's host time) by pages per program; then the 1B model's shape (d64), where the
+small-head shape runs.
 
-    python bench/bench_prefill_variants.py --out prefill_variants.json
+    python bench/bench_prefill_variants.py --out prefill_variants.json [--d128 JSON] [--d64 JSON]
+
+(2026-12-02 runs: `bench/results/2026-12-02_h200_prefill_variants_run*.json`; run 1 also
+had a causal loop masking every block, since removed: 298 TF/s at d128, 270 at d64.)
 """
 
 from __future__ import annotations
@@ -32,17 +36,13 @@ from lminf_vllm.attention import triton_prefill  # noqa: E402
 # (name, arguments over the default shape)
 D128_VARIANTS = [
     ("default", {}),
-    ("merge", dict(merge_capped=1)),
-    ("merge_edge32", dict(merge_capped=1, edge_block_n=32)),
-    ("loop_masked", dict(window_loop=1)),
-    ("loop_branch", dict(window_loop=2)),
-    ("merge_loop_masked", dict(merge_capped=1, window_loop=1)),
-    ("merge_loop_branch", dict(merge_capped=1, window_loop=2)),
-    ("merge_loop_branch_edge1", dict(merge_capped=1, window_loop=2, edge_stages=1)),
+    ("split_capped_loop", dict(merge_capped=0)),     # the defaults before 2026-12-02
+    ("causal_loop", dict(causal_loop=1)),
+    ("causal_loop_split_capped", dict(merge_capped=0, causal_loop=1)),
+    ("edge_stages3", dict(edge_stages=3)),
 ]
-D64_VARIANTS = [("default", {}), ("merge", dict(merge_capped=1)),
-                ("merge_loop_branch", dict(merge_capped=1, window_loop=2)),
-                ("loop_branch", dict(window_loop=2))]
+D64_VARIANTS = [("default", {}), ("split", dict(merge_capped=0, causal_loop=0)),
+                ("merge_only", dict(causal_loop=0)), ("edge64", dict(edge_block_n=64))]
 
 
 def ceiling_fn():

@@ -67,7 +67,7 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=2, general_block_n=64, general_stages=1,
-                          far_block_n=64, turn_pages=8, merge_capped=1, window_loop=0)
+                          far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
@@ -75,17 +75,17 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 # against 279 for the 128-row shape, which leaves one program per SM.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=32, edge_stages=2, general_block_n=32,
-                                     general_stages=1, far_block_n=64, turn_pages=8,
-                                     merge_capped=1, window_loop=2)
+                                     general_stages=1, far_block_n=64, turn_pages=1,
+                                     merge_capped=1, causal_loop=1)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
-                           far_block_n=64, turn_pages=8, merge_capped=0, window_loop=0)
+                           far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
-                      far_block_n=32, turn_pages=4, merge_capped=0, window_loop=0)
+                      far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -405,18 +405,16 @@ def attend_window_both(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, q
 def attend_window_causal(acc, m_i, l_i, slot_lo, j_lo, t0_rel, t_rel, anchor, qe1, qe2, qp,
                          keys, values, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
                          PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
-                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ALWAYS_MASK: tl.constexpr):
-    """Window keys j_lo .. j_lo + BLOCK_N past the far edge (every row sees them exactly
-    unless they are ahead of it): the causal mask j <= t alone, computed on every block
-    (ALWAYS_MASK) or only on blocks that reach past the first row t0 (a uniform branch).
-    Slots past the copy's pages are its zero padding (turn_pages)."""
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N past the far edge, which every row sees exactly
+    unless they are ahead of it: the causal mask j <= t alone, and only on blocks that reach
+    past the first row t0 (a uniform branch; the diagonal), so that the far edge's
+    end, the middle and the diagonal are one pipelined loop. Slots past the copy's pages
+    are its zero padding (turn_pages)."""
     s = exact_logits(qe1, qe2, qp, keys, slot_lo, slot_lo, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
                      BLOCK_N, False)
-    j_rel = (j_lo - anchor).to(tl.int32) + tl.arange(0, BLOCK_N)
-    if ALWAYS_MASK:
-        s = tl.where(j_rel[None, :] <= t_rel[:, None], s, float("-inf"))
-    elif (j_lo - anchor).to(tl.int32) + BLOCK_N - 1 > t0_rel:
+    if (j_lo - anchor).to(tl.int32) + BLOCK_N - 1 > t0_rel:
+        j_rel = (j_lo - anchor).to(tl.int32) + tl.arange(0, BLOCK_N)
         s = tl.where(j_rel[None, :] <= t_rel[:, None], s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, slot_lo, HEAD_DIM_PAD, BLOCK_N,
                         False)
@@ -458,8 +456,8 @@ def lambda_prefill_kernel(
     GENERAL_STAGES: tl.constexpr,    # their pipeline depth
     FAR_BLOCK_N: tl.constexpr,       # keys per block of the global pages every row is past
     MERGE_CAPPED: tl.constexpr,      # masked window blocks compute both cases (no capped loop)
-    WINDOW_LOOP: tl.constexpr,       # 0: masked edges + unmasked middle; 1/2: far edge, then
-                                     # one causal loop (1: mask on every block, 2: branch)
+    CAUSAL_LOOP: tl.constexpr,       # past the far edge one causal loop (else: unmasked middle
+                                     # + masked diagonal)
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
 ):
     row_block = tl.program_id(0)
@@ -559,10 +557,10 @@ def lambda_prefill_kernel(
     far_blocks = tl.cdiv(far_keys, EDGE_BLOCK_N)
     far_end = tl.minimum(j_start + far_blocks * EDGE_BLOCK_N, j_end)
     middle_end = far_end + tl.maximum(t0 + 1 - far_end, 0) // BLOCK_N * BLOCK_N
-    if WINDOW_LOOP == 0:
-        masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
-    else:
+    if CAUSAL_LOOP:
         masked_blocks = far_blocks
+    else:
+        masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
     for i in tl.range(0, masked_blocks, num_stages=EDGE_STAGES):
         j_lo = tl.where(i < far_blocks, j_start + i * EDGE_BLOCK_N,
                         middle_end + (i - far_blocks) * EDGE_BLOCK_N)
@@ -576,19 +574,18 @@ def lambda_prefill_kernel(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
                 keys, values, n_local, trained_length,
                 PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
-    if WINDOW_LOOP == 0:
+    if CAUSAL_LOOP:
+        t0_rel = (t0 - anchor).to(tl.int32)
+        for j_lo in tl.range(far_end, j_end, BLOCK_N):
+            acc, m_i, l_i = attend_window_causal(
+                acc, m_i, l_i, slot_of + j_lo, j_lo, t0_rel, t_rel, anchor, qe1, qe2, qp,
+                keys, values, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N)
+    else:
         for j_lo in tl.range(far_end, middle_end, BLOCK_N):
             acc, m_i, l_i = attend_window(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
                 keys, values, n_local, trained_length,
                 PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
-    else:
-        t0_rel = (t0 - anchor).to(tl.int32)
-        for j_lo in tl.range(far_end, j_end, BLOCK_N):
-            acc, m_i, l_i = attend_window_causal(
-                acc, m_i, l_i, slot_of + j_lo, j_lo, t0_rel, t_rel, anchor, qe1, qe2, qp,
-                keys, values, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N,
-                WINDOW_LOOP == 1)
 
     d = tl.arange(0, HEAD_DIM_PAD)
     if TO_STEP_ROWS:
@@ -694,7 +691,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     block_m = min(shape["block_m"], _pow2(num_queries, 16))
     shapes = _shapes(head_dim, rotation)
     # the causal window loop's last block can reach BLOCK_N - 1 slots past the list's end
-    pad_pages = triton.cdiv(shape["block_n"], page_size) if shape["window_loop"] else 0
+    pad_pages = triton.cdiv(shape["block_n"], page_size) if shape["causal_loop"] else 0
     keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages)
     table = rotation.cos_sin
     global LAST_LAUNCH
@@ -719,7 +716,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
         GENERAL_STAGES=shape["general_stages"],
         FAR_BLOCK_N=shape["far_block_n"], MERGE_CAPPED=shape["merge_capped"],
-        WINDOW_LOOP=shape["window_loop"], TO_STEP_ROWS=output is not None,
+        CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None,
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )

@@ -154,12 +154,12 @@ def test_kernels_match_reference(name):
         # default shape for this window and the long windows' shapes (both head sizes)
         small = dict(block_m=32, block_n=32, edge_block_n=16, general_block_n=16,
                      far_block_n=16)
-        # each arrangement of the window's loops (merge_capped, window_loop) with small
+        # each arrangement of the window's loops (merge_capped, causal_loop) with small
         # blocks, then the defaults
-        for blocks in (dict(small, merge_capped=0, window_loop=0),
-                       dict(small, merge_capped=1, window_loop=0),
-                       dict(small, merge_capped=0, window_loop=1),
-                       dict(small, merge_capped=1, window_loop=2), {},
+        for blocks in (dict(small, merge_capped=0, causal_loop=0),
+                       dict(small, merge_capped=1, causal_loop=0),
+                       dict(small, merge_capped=0, causal_loop=1),
+                       dict(small, merge_capped=1, causal_loop=1), {},
                        triton_prefill.LONG_WINDOW_BLOCKS,
                        triton_prefill.LONG_WINDOW_SMALL_HEAD_BLOCKS):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
