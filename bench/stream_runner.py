@@ -452,8 +452,14 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
     for start in starts:
         cache.forward(tokens(min(chunk, position - start)), start, last_only=True)
     prompt = [tokens(chunk) for _ in range(chunks)]
+    before = torch.cuda.memory_stats()
     prefill_s = timed(lambda i: cache.forward(prompt[i], position + i * chunk, last_only=True),
                       chunks)
+    after = torch.cuda.memory_stats()
+    # device allocations and frees inside the timed chunks (a cudaFree synchronises the
+    # device, which would expose the host's time)
+    allocator = {k: after.get(k, 0) - before.get(k, 0)
+                 for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
     at = position + chunks * chunk
     graph = DecodeGraph(cache, at, tokens(1))
     ids = tokens(decode_steps)
@@ -464,7 +470,7 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=at,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
                   decode_ms_per_step_replay_only=1e3 * replay_s,
-                  memory_allocated=torch.cuda.memory_allocated())
+                  memory_allocated=torch.cuda.memory_allocated(), prefill_allocator=allocator)
     log(f"lminf @ {position:>11,}: {result}")
     return result
 

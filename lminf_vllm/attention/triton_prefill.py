@@ -66,7 +66,7 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # lost (390) and are the ones ptxas can answer by serialising every wgmma (C7515).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=64, edge_stages=2, general_block_n=64, general_stages=1,
+                          edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
                           far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
