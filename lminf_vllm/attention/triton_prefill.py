@@ -21,13 +21,16 @@ Two launches per group:
    * global pages every row is past L for: the capped product alone (`attend_far_global`);
      the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
-     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases,
-       both from the dense copy (`attend_window_far_edge`: since n_local <= L, a row's
-       capped pairs lie in one page, so a third turn of the query covers them; pipelined,
-       no page lookups);
+     - pages some row sees past L (the oldest, only when n_local > L - B + 1): their capped
+       pairs from the dense copy (`attend_window_capped`: since n_local <= L, a row's
+       capped pairs lie in one page, so a third turn of the query covers them; no page
+       lookups), either in a loop of their own or (`merge_capped`) inside the far edge's
+       masked blocks, which then compute both cases from one load (`attend_window_both`);
      - then the exact case from the dense copy: masked at the window's far edge, unmasked
        in the middle (plain flash attention: most of a long window), masked on the diagonal
-       (the masked runs in narrower blocks than the unmasked one).
+       (the masked runs in narrower blocks than the unmasked one); or (`causal_loop`) after
+       the far edge one loop to the diagonal whose blocks are masked (j <= t) only where
+       they reach past the first row, behind a uniform branch (`attend_window_causal`).
    Loop bounds are computed once per program from t0, t1 and the window's first page, so
    the unmasked loop has no per-pair mask and no branch. The block shape follows the
    window's length and the head size (LONG_WINDOW_BLOCKS, LONG_WINDOW_SMALL_HEAD_BLOCKS,
@@ -64,6 +67,11 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # 64-key capped blocks: 398 TF/s on the H200 against 388 for 32 (2026-12-02 00:13 run,
 # bench_kernels.json prefill_tuning; 2 bytes of spills against 4); deeper pipelines there
 # lost (390) and are the ones ptxas can answer by serialising every wgmma (C7515).
+# merge_capped (the far edge's blocks compute both cases, no capped loop) and their pipeline
+# 3 deep: 416-419 TF/s against 405-409 for the separate capped loop (H200, 2026-12-02 runs
+# 2-3, bench_prefill_variants.py and bench_kernels.json prefill_tuning); a causal loop
+# spills at 128 x 128 (18-38 bytes: 346-371 TF/s). One page per turn_pages_kernel program:
+# 18.5 us against 20.9 for 8 (graph replay, run 2).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
@@ -72,7 +80,10 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
 # bench_prefill_shapes.py --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s
-# against 279 for the 128-row shape, which leaves one program per SM.
+# against 279 for the 128-row shape, which leaves one program per SM. There the merged far
+# edge and the causal loop (no spills: 214 registers) take it to 331-333 TF/s against
+# 302-304 without either and 315 with the merge alone (2026-12-02 runs 1-3,
+# bench_prefill_variants.py); masking every block of that loop instead of a branch: 270.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=32, edge_stages=2, general_block_n=32,
                                      general_stages=1, far_block_n=64, turn_pages=1,
