@@ -434,6 +434,24 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def prefill_graph_ms(run, repeats: int) -> float:
+    """Device time of one prefill chunk alone: `run` (the chunk, its plan fixed) captured in
+    a CUDA graph and replayed, so that neither host work nor launch gaps count; against the
+    chunk's enqueued time it says whether the host holds the device back. Rewrites the
+    chunk's keys into the cache (run after the timings that read it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = 1e3 * timed(lambda i: graph.replay(), repeats)
+    del graph
+    return ms
+
+
 def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int,
                       decode_steps: int, seed: int, log):
     """Prefill and decode tokens/s of the Λ path at a stream position.
@@ -466,11 +484,15 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
     decode_s = timed(lambda i: graph.step(at + i, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
     del graph
+    plan = cache.plan(position, chunk)
+    prefill_graph = prefill_graph_ms(
+        lambda: cache.forward(prompt[0], position, plan=plan, last_only=True), chunks)
     result = dict(position=position, prefill_tokens_per_s=chunk / prefill_s,
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=at,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
                   decode_ms_per_step_replay_only=1e3 * replay_s,
-                  memory_allocated=torch.cuda.memory_allocated(), prefill_allocator=allocator)
+                  memory_allocated=torch.cuda.memory_allocated(), prefill_allocator=allocator,
+                  prefill_graph_ms_per_chunk=prefill_graph)
     log(f"lminf @ {position:>11,}: {result}")
     return result
 
@@ -494,11 +516,14 @@ def throughput_dense(dense: DenseCache, chunk: int, chunks: int, decode_steps: i
     decode_s = timed(lambda i: graph.step(length - 1, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
     del graph
+    prefill_graph = prefill_graph_ms(lambda: dense.forward(prompt[0], positions, last_only=True),
+                                     chunks)
     result = dict(prompt_tokens=length, prefill_tokens_per_s=length / prefill_s,
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=length - 1,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
                   decode_ms_per_step_replay_only=1e3 * replay_s,
-                  memory_allocated=torch.cuda.memory_allocated())
+                  memory_allocated=torch.cuda.memory_allocated(),
+                  prefill_graph_ms_per_chunk=prefill_graph)
     log(f"dense SDPA @ L: {result}")
     return result
 
@@ -603,6 +628,10 @@ def main():
             print(f"  lminf @ {r['position']:>11,}: prefill {r['prefill_tokens_per_s']:,.0f} "
                   f"tok/s (x{r['prefill_vs_dense']:.3f}), decode "
                   f"{r['decode_tokens_per_s']:,.0f} tok/s (x{r['decode_vs_dense']:.3f})")
+        print("  Λ prefill ms per chunk, enqueued / graph-replayed (device alone): "
+              + ", ".join(f"{r['prefill_ms_per_chunk']:.2f} / {r['prefill_graph_ms_per_chunk']:.2f}"
+                          for r in t["lminf"]) + f"; dense {d['prefill_ms_per_chunk']:.2f} / "
+              f"{d['prefill_graph_ms_per_chunk']:.2f}")
         print(f"  prefill chunk without attention {t['model_without_attention']['prefill_ms_per_chunk']:.2f}"
               f" ms; attention per layer: dense {d['attention_ms_per_layer']:.3f} / "
               f"{a['attention_ms_per_layer']:.3f} ms, lminf "
