@@ -81,7 +81,7 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
 # bench_prefill_shapes.py --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s
 # against 279 for the 128-row shape, which leaves one program per SM. There the merged far
-# edge and the causal loop (no spills: 214 registers) take it to 331-333 TF/s against
+# edge and the causal loop (no spills: 214 registers) take it to 331-335 TF/s against
 # 302-304 without either and 315 with the merge alone (2026-12-02 runs 1-3,
 # bench_prefill_variants.py); masking every block of that loop instead of a branch: 270.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
