@@ -434,6 +434,33 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def prefill_graph_ms(run, repeats: int) -> float:
+    """Device time of one prefill chunk alone: `run` (the chunk, its plan fixed) captured in
+    a CUDA graph and replayed, so that neither host work nor launch gaps count; against the
+    chunk's enqueued time it says whether the host holds the device back. Rewrites the
+    chunk's keys into the cache (run after the timings that read it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = 1e3 * timed(lambda i: graph.replay(), repeats)
+    del graph
+    return ms
+
+
+def device_time_or_error(run, repeats: int):
+    """prefill_graph_ms, or the capture's error (the runner's own timings stand either way)."""
+    try:
+        return prefill_graph_ms(run, repeats)
+    except RuntimeError as e:
+        torch.cuda.synchronize()
+        return f"capture failed: {e!r}"[:300]
+
+
 def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int,
                       decode_steps: int, seed: int, log):
     """Prefill and decode tokens/s of the Λ path at a stream position.
@@ -452,19 +479,29 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
     for start in starts:
         cache.forward(tokens(min(chunk, position - start)), start, last_only=True)
     prompt = [tokens(chunk) for _ in range(chunks)]
+    before = torch.cuda.memory_stats()
     prefill_s = timed(lambda i: cache.forward(prompt[i], position + i * chunk, last_only=True),
                       chunks)
+    after = torch.cuda.memory_stats()
+    # device allocations and frees inside the timed chunks (a cudaFree synchronises the
+    # device, which would expose the host's time)
+    allocator = {k: after.get(k, 0) - before.get(k, 0)
+                 for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
     at = position + chunks * chunk
     graph = DecodeGraph(cache, at, tokens(1))
     ids = tokens(decode_steps)
     decode_s = timed(lambda i: graph.step(at + i, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
     del graph
+    plan = cache.plan(position, chunk)
+    prefill_graph = device_time_or_error(
+        lambda: cache.forward(prompt[0], position, plan=plan, last_only=True), chunks)
     result = dict(position=position, prefill_tokens_per_s=chunk / prefill_s,
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=at,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
                   decode_ms_per_step_replay_only=1e3 * replay_s,
-                  memory_allocated=torch.cuda.memory_allocated())
+                  memory_allocated=torch.cuda.memory_allocated(), prefill_allocator=allocator,
+                  prefill_graph_ms_per_chunk=prefill_graph)
     log(f"lminf @ {position:>11,}: {result}")
     return result
 
@@ -488,12 +525,35 @@ def throughput_dense(dense: DenseCache, chunk: int, chunks: int, decode_steps: i
     decode_s = timed(lambda i: graph.step(length - 1, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
     del graph
+    prefill_graph = device_time_or_error(
+        lambda: dense.forward(prompt[0], positions, last_only=True), chunks)
     result = dict(prompt_tokens=length, prefill_tokens_per_s=length / prefill_s,
                   prefill_ms_per_chunk=1e3 * prefill_s, decode_position=length - 1,
                   decode_tokens_per_s=1 / decode_s, decode_ms_per_step=1e3 * decode_s,
                   decode_ms_per_step_replay_only=1e3 * replay_s,
-                  memory_allocated=torch.cuda.memory_allocated())
+                  memory_allocated=torch.cuda.memory_allocated(),
+                  prefill_graph_ms_per_chunk=prefill_graph)
     log(f"dense SDPA @ L: {result}")
+    return result
+
+
+def model_without_attention(model: Llama, chunks: int, seed: int, log) -> dict:
+    """Where a prefill chunk's time goes: the same chunks of L tokens through the model with
+    attention left out (each layer's attention output is its query, no cache written), so
+    that a path's attention (its cache writes, key turn and kernels included) is its chunk
+    time minus this."""
+    device = model.device
+    length = model.trained_length
+    vocab = model.w["embed_tokens.weight"].shape[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    prompt = [torch.randint(0, vocab, (length,), generator=g, device=device)
+              for _ in range(chunks)]
+    frame = torch.arange(length, device=device) % PAGE_SIZE
+    skip = lambda layer, q, k, v: q  # noqa: E731
+    model.forward(prompt[0], frame, skip, last_only=True)  # warm-up
+    prefill_s = timed(lambda i: model.forward(prompt[i], frame, skip, last_only=True), chunks)
+    result = dict(prefill_ms_per_chunk=1e3 * prefill_s)
+    log(f"model without attention: {result}")
     return result
 
 
@@ -514,6 +574,11 @@ def throughput(model: Llama, positions, chunk: int, args, log) -> dict:
         best = max(results["dense"][key], results["dense_after"][key])
         for r in results["lminf"]:
             r[key.split("_")[0] + "_vs_dense"] = r[key] / best
+    rest = model_without_attention(model, args.chunks, 4, log)["prefill_ms_per_chunk"]
+    results["model_without_attention"] = dict(prefill_ms_per_chunk=rest)
+    for r in [results["dense"], results["dense_after"]] + results["lminf"]:
+        r["attention_ms_per_chunk"] = r["prefill_ms_per_chunk"] - rest
+        r["attention_ms_per_layer"] = r["attention_ms_per_chunk"] / model.layers
     return results
 
 
@@ -572,6 +637,14 @@ def main():
             print(f"  lminf @ {r['position']:>11,}: prefill {r['prefill_tokens_per_s']:,.0f} "
                   f"tok/s (x{r['prefill_vs_dense']:.3f}), decode "
                   f"{r['decode_tokens_per_s']:,.0f} tok/s (x{r['decode_vs_dense']:.3f})")
+        print("  prefill ms per chunk, enqueued / graph-replayed (device alone): Λ "
+              + ", ".join(f"{r['prefill_ms_per_chunk']:.2f} / {r['prefill_graph_ms_per_chunk']}"
+                          for r in t["lminf"]) + f"; dense {d['prefill_ms_per_chunk']:.2f} / "
+              f"{d['prefill_graph_ms_per_chunk']}")
+        print(f"  prefill chunk without attention {t['model_without_attention']['prefill_ms_per_chunk']:.2f}"
+              f" ms; attention per layer: dense {d['attention_ms_per_layer']:.3f} / "
+              f"{a['attention_ms_per_layer']:.3f} ms, lminf "
+              + " / ".join(f"{r['attention_ms_per_layer']:.3f}" for r in t["lminf"]) + " ms")
         return
 
     val_path = Path(args.val) if args.val else next(p for p in DEFAULT_VAL if p.exists())

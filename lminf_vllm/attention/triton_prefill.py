@@ -21,13 +21,16 @@ Two launches per group:
    * global pages every row is past L for: the capped product alone (`attend_far_global`);
      the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
-     - pages some row sees past L (the oldest, only when n_local > L - B + 1): both cases,
-       both from the dense copy (`attend_window_far_edge`: since n_local <= L, a row's
-       capped pairs lie in one page, so a third turn of the query covers them; pipelined,
-       no page lookups);
+     - pages some row sees past L (the oldest, only when n_local > L - B + 1): their capped
+       pairs from the dense copy (`attend_window_capped`: since n_local <= L, a row's
+       capped pairs lie in one page, so a third turn of the query covers them; no page
+       lookups), either in a loop of their own or (`merge_capped`) inside the far edge's
+       masked blocks, which then compute both cases from one load (`attend_window_both`);
      - then the exact case from the dense copy: masked at the window's far edge, unmasked
        in the middle (plain flash attention: most of a long window), masked on the diagonal
-       (the masked runs in narrower blocks than the unmasked one).
+       (the masked runs in narrower blocks than the unmasked one); or (`causal_loop`) after
+       the far edge one loop to the diagonal whose blocks are masked (j <= t) only where
+       they reach past the first row, behind a uniform branch (`attend_window_causal`).
    Loop bounds are computed once per program from t0, t1 and the window's first page, so
    the unmasked loop has no per-pair mask and no branch. The block shape follows the
    window's length and the head size (LONG_WINDOW_BLOCKS, LONG_WINDOW_SMALL_HEAD_BLOCKS,
@@ -64,27 +67,36 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # 64-key capped blocks: 398 TF/s on the H200 against 388 for 32 (2026-12-02 00:13 run,
 # bench_kernels.json prefill_tuning; 2 bytes of spills against 4); deeper pipelines there
 # lost (390) and are the ones ptxas can answer by serialising every wgmma (C7515).
+# merge_capped (the far edge's blocks compute both cases, no capped loop) and their pipeline
+# 3 deep: 416-419 TF/s against 405-409 for the separate capped loop (H200, 2026-12-02 runs
+# 2-3, bench_prefill_variants.py and bench_kernels.json prefill_tuning); a causal loop
+# spills at 128 x 128 (18-38 bytes: 346-371 TF/s). One page per turn_pages_kernel program:
+# 18.5 us against 20.9 for 8 (graph replay, run 2).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
-                          edge_block_n=64, edge_stages=2, general_block_n=64, general_stages=1,
-                          far_block_n=64, turn_pages=8)
+                          edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
+                          far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
 # bench_prefill_shapes.py --windows 1b: 32/8 heads, d64, n_local = L = 4096) 316 TF/s
-# against 279 for the 128-row shape, which leaves one program per SM.
+# against 279 for the 128-row shape, which leaves one program per SM. There the merged far
+# edge and the causal loop (no spills: 214 registers) take it to 331-335 TF/s against
+# 302-304 without either and 315 with the merge alone (2026-12-02 runs 1-3,
+# bench_prefill_variants.py); masking every block of that loop instead of a branch: 270.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=32, edge_stages=2, general_block_n=32,
-                                     general_stages=1, far_block_n=64, turn_pages=8)
+                                     general_stages=1, far_block_n=64, turn_pages=1,
+                                     merge_capped=1, causal_loop=1)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
-                           far_block_n=64, turn_pages=8)
+                           far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
-                      far_block_n=32, turn_pages=4)
+                      far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -107,7 +119,7 @@ def turn_pages_kernel(
     values_ptr,                      # out: [N, Hkv, P * B, HEAD_DIM_PAD]
     stride_kb, stride_kh, stride_ks, stride_table, stride_pos_n, stride_page_n,
     stride_kn, stride_kkh, stride_vn, stride_vh,
-    num_queries, num_pages, max_angle,
+    num_queries, num_pages, copy_pages, max_angle,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     KEY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, PAGES: tl.constexpr,
@@ -134,7 +146,7 @@ def turn_pages_kernel(
     block = tl.load(block_ptr + n * stride_page_n + key_page, mask=key_page < num_pages,
                     other=0)
     written = (key_base >= 0) & (key_base + offset <= t_last)   # else: zeros in the copy
-    stored = key_page < num_pages
+    stored = key_page < copy_pages                              # the list's pages + padding
     src = kv_ptr + block.to(tl.int64) * stride_kb + kv_head * stride_kh + offset * stride_ks
     k1, k2, kp = load_stored_keys(src, written, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     k1t, k2t = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
@@ -381,6 +393,45 @@ def attend_window_capped(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qw1,
 
 
 @triton.jit
+def attend_window_both(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qw1, qw2,
+                       qp, keys, values, n_local, trained_length,
+                       PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                       PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) at the window's far edge: exact and
+    capped pairs alike from one load of the dense copy (the exact query and the window's
+    capped query, attend_window_capped's, against the same keys), one softmax step."""
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = j < j_hi
+    k1, k2, kp = load_dense_keys(keys, slot_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                                 BLOCK_N, True)
+    s = turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
+    s_capped = turned_logits(qw1, qw2, qp, k1, k2, kp, PASS)
+    visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
+    s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
+def attend_window_causal(acc, m_i, l_i, slot_lo, j_lo, t0_rel, t_rel, anchor, qe1, qe2, qp,
+                         keys, values, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                         PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Window keys j_lo .. j_lo + BLOCK_N past the far edge, which every row sees exactly
+    unless they are ahead of it: the causal mask j <= t alone, and only on blocks that reach
+    past the first row t0 (a uniform branch; the diagonal), so that the far edge's
+    end, the middle and the diagonal are one pipelined loop. Slots past the copy's pages
+    are its zero padding (turn_pages)."""
+    s = exact_logits(qe1, qe2, qp, keys, slot_lo, slot_lo, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                     BLOCK_N, False)
+    if (j_lo - anchor).to(tl.int32) + BLOCK_N - 1 > t0_rel:
+        j_rel = (j_lo - anchor).to(tl.int32) + tl.arange(0, BLOCK_N)
+        s = tl.where(j_rel[None, :] <= t_rel[:, None], s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, slot_lo, HEAD_DIM_PAD, BLOCK_N,
+                        False)
+
+
+@triton.jit
 def lambda_prefill_kernel(
     # query [T_all, H, D]; kv_cache [blocks, Hkv, B, 2D]; table [rows, rotary_dim] f32
     q_ptr, kv_ptr, table_ptr,
@@ -415,6 +466,9 @@ def lambda_prefill_kernel(
     GENERAL_BLOCK_N: tl.constexpr,   # keys per block where both cases are computed
     GENERAL_STAGES: tl.constexpr,    # their pipeline depth
     FAR_BLOCK_N: tl.constexpr,       # keys per block of the global pages every row is past
+    MERGE_CAPPED: tl.constexpr,      # masked window blocks compute both cases (no capped loop)
+    CAUSAL_LOOP: tl.constexpr,       # past the far edge one causal loop (else: unmasked middle
+                                     # + masked diagonal)
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
 ):
     row_block = tl.program_id(0)
@@ -477,7 +531,8 @@ def lambda_prefill_kernel(
 
     # ---- the window's capped pairs first (then qw holds no registers through the loops
     # below; the exact query is the only one the window's exact pairs need) ----
-    for j_lo in tl.range(j_start, j_exact, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
+    capped_hi = j_exact if MERGE_CAPPED == 0 else j_start
+    for j_lo in tl.range(j_start, capped_hi, GENERAL_BLOCK_N, num_stages=GENERAL_STAGES):
         acc, m_i, l_i = attend_window_capped(
             acc, m_i, l_i, slot_of + j_lo, j_lo, j_exact, t_rel, anchor, qw1, qw2, qp,
             keys, values, n_local, trained_length,
@@ -513,19 +568,35 @@ def lambda_prefill_kernel(
     far_blocks = tl.cdiv(far_keys, EDGE_BLOCK_N)
     far_end = tl.minimum(j_start + far_blocks * EDGE_BLOCK_N, j_end)
     middle_end = far_end + tl.maximum(t0 + 1 - far_end, 0) // BLOCK_N * BLOCK_N
-    masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
+    if CAUSAL_LOOP:
+        masked_blocks = far_blocks
+    else:
+        masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
     for i in tl.range(0, masked_blocks, num_stages=EDGE_STAGES):
         j_lo = tl.where(i < far_blocks, j_start + i * EDGE_BLOCK_N,
                         middle_end + (i - far_blocks) * EDGE_BLOCK_N)
-        acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local, trained_length,
-            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
-    for j_lo in tl.range(far_end, middle_end, BLOCK_N):
-        acc, m_i, l_i = attend_window(
-            acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
-            keys, values, n_local, trained_length,
-            PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
+        if MERGE_CAPPED:
+            acc, m_i, l_i = attend_window_both(
+                acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qw1, qw2,
+                qp, keys, values, n_local, trained_length,
+                PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N)
+        else:
+            acc, m_i, l_i = attend_window(
+                acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+                keys, values, n_local, trained_length,
+                PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
+    if CAUSAL_LOOP:
+        t0_rel = (t0 - anchor).to(tl.int32)
+        for j_lo in tl.range(far_end, j_end, BLOCK_N):
+            acc, m_i, l_i = attend_window_causal(
+                acc, m_i, l_i, slot_of + j_lo, j_lo, t0_rel, t_rel, anchor, qe1, qe2, qp,
+                keys, values, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N)
+    else:
+        for j_lo in tl.range(far_end, middle_end, BLOCK_N):
+            acc, m_i, l_i = attend_window(
+                acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
+                keys, values, n_local, trained_length,
+                PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, BLOCK_N, False)
 
     d = tl.arange(0, HEAD_DIM_PAD)
     if TO_STEP_ROWS:
@@ -549,28 +620,32 @@ def _shapes(head_dim: int, rotation) -> dict:
     return shapes
 
 
-def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int = 8):
+def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int = 8,
+               pad_pages: int = 0):
     """Dense copies of each tile's pages: keys turned by b_p - a, and values.
 
-    Returns keys [N, Hkv, P * B, KEY_DIM] and values [N, Hkv, P * B, HEAD_DIM_PAD] in the
-    cache's dtype; slots not written yet (and padding pages) are zeros.
+    Returns keys [N, Hkv, (P + pad_pages) * B, KEY_DIM] and values [N, Hkv, (P + pad_pages)
+    * B, HEAD_DIM_PAD] in the cache's dtype; slots not written yet, padding pages of the
+    list and the pad_pages after it (read by unmasked blocks that reach past the list's
+    end) are zeros.
     """
     num_tiles, num_queries = group.query_rows.shape
     num_pages = group.page_block.shape[1]
     num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[2]
     shapes = _shapes(kv_cache.shape[3] // 2, rotation)
-    slots = num_pages * page_size
+    copy_pages = num_pages + pad_pages
+    slots = copy_pages * page_size
     keys = torch.empty(num_tiles, num_kv_heads, slots, shapes["KEY_DIM"],
                        device=kv_cache.device, dtype=kv_cache.dtype)
     values = torch.empty(num_tiles, num_kv_heads, slots, shapes["HEAD_DIM_PAD"],
                          device=kv_cache.device, dtype=kv_cache.dtype)
     table = rotation.cos_sin
-    turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(num_pages, pages_per_program))](
+    turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(copy_pages, pages_per_program))](
         kv_cache, table, group.query_position, group.page_block, group.page_base, keys, values,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), table.stride(0),
         group.query_position.stride(0), group.page_block.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        num_queries, num_pages, table.shape[0] - 1,
+        num_queries, num_pages, copy_pages, table.shape[0] - 1,
         PAGE_SIZE=page_size, PAGES=pages_per_program, **shapes)
     return keys, values
 
@@ -626,7 +701,9 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         return out
     block_m = min(shape["block_m"], _pow2(num_queries, 16))
     shapes = _shapes(head_dim, rotation)
-    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"])
+    # the causal window loop's last block can reach BLOCK_N - 1 slots past the list's end
+    pad_pages = triton.cdiv(shape["block_n"], page_size) if shape["causal_loop"] else 0
+    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages)
     table = rotation.cos_sin
     global LAST_LAUNCH
     LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
@@ -649,7 +726,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
         GENERAL_STAGES=shape["general_stages"],
-        FAR_BLOCK_N=shape["far_block_n"], TO_STEP_ROWS=output is not None,
+        FAR_BLOCK_N=shape["far_block_n"], MERGE_CAPPED=shape["merge_capped"],
+        CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None,
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )

@@ -152,8 +152,15 @@ def test_kernels_match_reference(name):
         # small blocks, so that tiles span several row blocks and every loop of the kernel
         # runs (masked blocks narrower than unmasked ones, as in the defaults); then the
         # default shape for this window and the long windows' shapes (both head sizes)
-        for blocks in (dict(block_m=32, block_n=32, edge_block_n=16, general_block_n=16,
-                            far_block_n=16), {}, triton_prefill.LONG_WINDOW_BLOCKS,
+        small = dict(block_m=32, block_n=32, edge_block_n=16, general_block_n=16,
+                     far_block_n=16)
+        # each arrangement of the window's loops (merge_capped, causal_loop) with small
+        # blocks, then the defaults
+        for blocks in (dict(small, merge_capped=0, causal_loop=0),
+                       dict(small, merge_capped=1, causal_loop=0),
+                       dict(small, merge_capped=0, causal_loop=1),
+                       dict(small, merge_capped=1, causal_loop=1), {},
+                       triton_prefill.LONG_WINDOW_BLOCKS,
                        triton_prefill.LONG_WINDOW_SMALL_HEAD_BLOCKS):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
                                               **blocks)
