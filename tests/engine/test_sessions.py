@@ -135,8 +135,10 @@ def test_a_session_split_over_requests_is_one_request(llm, oracle_model, val_tok
 def test_a_chat_client_resending_the_history_continues_the_state(llm, oracle_model,
                                                                  val_tokens):
     drop_every_state(llm)
-    store = store_of(llm)
     text = val_tokens[90_000:].tolist()
+    run(llm, text[:1], greedy(max_tokens=1))  # the engine builds its store on first use
+    store = store_of(llm)
+    drop_every_state(llm)
     history, start, outs = [], 0, []
     adopted_before = store.counters.stream_tokens_adopted
     adopted = 0
@@ -206,7 +208,8 @@ def test_refused_session_requests_name_the_session(llm, val_tokens):
     assert "busy" in refusal(finished["second"]) and "HTTP 409" in refusal(finished["second"])
     assert finished["first"].outputs[0].finish_reason == "length"
     kept = store_of(llm)._by_session["s"]
-    assert kept.num_computed == 300 + 1 + 100  # 300 + its token, 100 more, one fed
+    # 300 + its 4 tokens, then 100 + 2, the last never fed
+    assert kept.num_computed == 300 + OUTPUT_TOKENS + 100 + 2 - 1
     snapshot = (list(kept.token_ids), kept.num_computed, [
         [b.block_id for b in group.blocks] for group in kept.pages])
 
@@ -246,12 +249,13 @@ def test_malformed_session_requests_are_refused_at_admission(llm, params, field)
 def test_soak_every_page_comes_back(llm, val_tokens):
     """More sessions than the pool holds, random turn lengths, closes, aborts; evicted
     sessions are refused and restarted with their full stream, as a client would."""
+    run(llm, [1, 2], greedy(max_tokens=1))  # the engine builds its store on first use
     drop_every_state(llm)
     pool, store, engine = pool_of(llm), store_of(llm), llm.llm_engine
     free_at_start = pool.get_num_free_blocks()
     evicted_before = store.counters.stream_states_evicted
     rng = np.random.default_rng(0)
-    text = val_tokens[150_000:].tolist()
+    text = val_tokens[130_000:].tolist()
     streams: dict[str, list[int]] = {}
     cursor, refused, aborted = 0, 0, 0
     for step in range(60):
