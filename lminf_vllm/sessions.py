@@ -35,6 +35,7 @@ kv_cache.py and the scheduler hooks in patches/stream_states.py.
 
 from __future__ import annotations
 
+import re
 import time
 from array import array
 from collections import OrderedDict
@@ -116,6 +117,20 @@ class SessionRefused(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+    def stop_reason(self) -> str:
+        """How the refusal travels to the API server: the stop_reason of an output that
+        finishes the request with reason "error" (patches/session_refusals.py reads it)."""
+        return f"{self} [HTTP {self.status}]"
+
+
+_REFUSAL = re.compile(r"(lminf: session .*) \[HTTP (\d{3})\]", re.S)
+
+
+def parse_refusal(stop_reason: Any) -> tuple[str, int] | None:
+    """(message, HTTP status) of a SessionRefused.stop_reason(), else None."""
+    match = _REFUSAL.fullmatch(stop_reason) if isinstance(stop_reason, str) else None
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def page_hashes(tokens: Sequence[int], page_size: int, num_pages: int) -> list[int]:

@@ -133,7 +133,7 @@ def _install() -> None:
                 logger.warning("lminf: request %s refused (HTTP %d): %s",
                                request.request_id, refusal.status, refusal)
                 self.__dict__.setdefault(REFUSED_ATTR, []).append(
-                    (request, f"{refusal} [HTTP {refusal.status}]"))
+                    (request, refusal.stop_reason()))
                 return None
             if state is not None:
                 continue_session(request, state)
