@@ -81,9 +81,10 @@ def session_request(extra_args: Mapping[str, Any] | None) -> SessionRequest | No
     flags = {}
     for key in (SESSION_NEW, SESSION_CLOSE):
         value = args.get(key, False)
-        if not isinstance(value, bool):
+        # the OpenAI API's vllm_xargs (str | int | float values) turns JSON true into 1
+        if type(value) not in (bool, int) or value not in (0, 1):
             raise _error(f"lminf: {key}={value!r} must be true or false", key)
-        flags[key] = value
+        flags[key] = bool(value)
     return SessionRequest(session_id, flags[SESSION_NEW], flags[SESSION_CLOSE])
 
 

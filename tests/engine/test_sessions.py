@@ -237,7 +237,7 @@ def test_refused_session_requests_name_the_session(llm, val_tokens):
     (dict(stop=["the"], extra_args={"lminf_session": "x"}), "stop"),
     (dict(prompt_logprobs=0, extra_args={"lminf_session": "x"}), "prompt_logprobs"),
     (dict(extra_args={"lminf_session": ""}), "lminf_session"),
-    (dict(extra_args={"lminf_session": "x", "lminf_session_new": 1}), "lminf_session_new"),
+    (dict(extra_args={"lminf_session": "x", "lminf_session_new": "yes"}), "lminf_session_new"),
     (dict(extra_args={"lminf_session_close": True}), "lminf_session_close"),
 ])
 def test_malformed_session_requests_are_refused_at_admission(llm, params, field):
