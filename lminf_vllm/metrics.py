@@ -82,6 +82,9 @@ SERIES: tuple[Series, ...] = (
            "KV pages held by kept stream states"),
     Series("stream_states_evicted", "lminf:stream_states_evicted", "counter",
            "Kept stream states evicted (memory pressure, the cap, the idle timeout)"),
+    Series("sessions_evicted", "lminf:sessions_evicted", "counter",
+           "Sessions whose kept state was evicted (their next request is refused: resend "
+           "the full stream)"),
     Series("stream_tokens_adopted", "lminf:stream_tokens_adopted", "counter",
            "Tokens requests did not recompute because they continued a kept state"),
 )

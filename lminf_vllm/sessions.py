@@ -176,6 +176,7 @@ class StoreCounters:
     sessions_held: int = 0
     stream_state_pages: int = 0
     stream_states_evicted: int = 0
+    sessions_evicted: int = 0
     stream_tokens_adopted: int = 0
 
 
@@ -279,6 +280,7 @@ class StreamStore:
         state = self.bound.pop(request_id, None)
         if state is not None:
             state.users.discard(request_id)
+            self._touch(state)  # idle from now
         for sid, rid in list(self._busy.items()):
             if rid == request_id:
                 del self._busy[sid]
@@ -319,21 +321,25 @@ class StreamStore:
         there is none."""
         for state in self._lru.values():
             if not state.users:
-                self.drop(state, f"evicted ({reason})")
-                self.counters.stream_states_evicted += 1
+                self._evict(state, reason)
                 return True
         return False
 
     def expire_idle(self) -> None:
         """Evict the states idle longer than the idle timeout."""
         deadline = self._clock() - self.idle_timeout_s
-        while self._lru:
-            state = next(iter(self._lru.values()))
-            if state.last_used > deadline or state.users:
+        for state in list(self._lru.values()):  # least recently used first
+            if state.last_used > deadline:
                 return
-            self.drop(state, f"evicted (idle longer than lminf.stream_idle_timeout_s="
-                             f"{self.idle_timeout_s:g})")
-            self.counters.stream_states_evicted += 1
+            if state.users:
+                continue
+            self._evict(state, f"idle longer than lminf.stream_idle_timeout_s="
+                               f"{self.idle_timeout_s:g}")
+
+    def _evict(self, state: StreamState, reason: str) -> None:
+        self.counters.stream_states_evicted += 1
+        self.counters.sessions_evicted += int(state.session_id is not None)
+        self.drop(state, f"evicted ({reason})")
 
     def drop(self, state: StreamState, tombstone: str | None) -> None:
         """Forget a state and free its pages (a no-op for one already dropped)."""
