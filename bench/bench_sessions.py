@@ -36,8 +36,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import MODEL_DIR, save, shutdown, val_tokens  # noqa: E402
 
 TRAINED_LENGTH = 256
-MODES = ("lminf-session", "lminf-resend", "lminf-reprefill", "lminf-full-reprefill",
-         "vllm-prefix-cache")
+MODES = ("lminf-session", "lminf-resend", "vllm-prefix-cache", "lminf-reprefill",
+         "lminf-full-reprefill")
 
 
 def make_engine(mode: str, max_model_len: int):
@@ -115,20 +115,7 @@ def run_conversation(mode: str, turns: int, turn_tokens: int, tokens) -> list[di
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turns", type=int, default=64)
-    parser.add_argument("--turn-tokens", type=int, default=TRAINED_LENGTH)
-    parser.add_argument("--modes", default=",".join(MODES))
-    args = parser.parse_args()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    modes = args.modes.split(",")
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise SystemExit(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    tokens = val_tokens()
-    results = {mode: run_conversation(mode, args.turns, args.turn_tokens, tokens)
-               for mode in modes}
+def write(args, results: dict):
     last = {mode: rows[-1]["ttft_cpu_s"] for mode, rows in results.items()}
     summary = {f"last_turn_cpu_s_{mode}": value for mode, value in last.items()}
     if "lminf-session" in last:
@@ -156,6 +143,26 @@ def main() -> None:
     pages.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=120)
+    plt.close(figure)
+    return path, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=64)
+    parser.add_argument("--turn-tokens", type=int, default=TRAINED_LENGTH)
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    tokens = val_tokens()
+    results = {}
+    for mode in modes:  # written after each mode, so a run cut short keeps what it measured
+        results[mode] = run_conversation(mode, args.turns, args.turn_tokens, tokens)
+        path, summary = write(args, results)
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     print(summary)
 
