@@ -42,6 +42,9 @@ GET_COMPUTED_BLOCKS = f"{MANAGER}.get_computed_blocks"
 ALLOCATE_SLOTS = f"{MANAGER}.allocate_slots"
 TAKE_COPIES = f"{MANAGER}.take_kv_cache_block_copies"
 COW_COPIES = "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.__init__"
+# where the model runners (v1, v2) run SchedulerOutput.kv_cache_block_copies
+RUNNER_V1_COPIES = "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states"
+RUNNER_V2_COPIES = "vllm.v1.worker.gpu.model_runner:GPUModelRunner.update_requests"
 TARGET = ADD_REQUEST
 REFUSED_ATTR = "_lminf_refused_session_requests"
 FINISHED_OK = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
@@ -244,7 +247,8 @@ PATCH = Patch(
     fingerprints={
         build: {ADD_REQUEST: "fa2b51cd04a90977", HAS_REQUESTS: "6529a9d59f78d9c0",
                 ALLOCATE_SLOTS: "8c60d937fd9eb0c8", TAKE_COPIES: "807042512478e8f2",
-                COW_COPIES: "bec95fffc42da98b",
+                COW_COPIES: "bec95fffc42da98b", RUNNER_V1_COPIES: "326599f31b273b94",
+                RUNNER_V2_COPIES: "7a208ede606f6fc1",
                 FREE_REQUEST: free, UPDATE_FROM_OUTPUT: update, GET_COMPUTED_BLOCKS: hit}
         for build, (free, update, hit) in {
             CPU_0_32: ("1b386dca84e6bb73", "85b29db96051135c", "77f434d88d573bfe"),
