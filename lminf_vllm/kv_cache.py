@@ -183,7 +183,9 @@ class LMInfManager(FullAttentionManager):
         ring counters to the slots actually written (the tail continues the stream's
         pages where the prefix left them, at tail_start's true positions)."""
         self.counters.prompt_tokens_skipped += tail_start - skip_start
-        self._skipped_pages[request_id] = (tail_start // self.block_size
+        # added to what an adopted stream state had skipped before (sessions.py)
+        self._skipped_pages[request_id] = (self._skipped_pages.get(request_id, 0)
+                                           + tail_start // self.block_size
                                            - cdiv(skip_start, self.block_size))
         tokens, pages = self._stream_extent.get(request_id, (0, 0))
         trained_length = self.kv_cache_spec.trained_length

@@ -251,8 +251,10 @@ class StreamStore:
         if not self.continuation or not self._lru:
             return None
         self.expire_idle()
+        # hash no further than the longest kept stream reaches (a prompt may be far longer)
         limit = len(prompt) - 1
-        hashes = page_hashes(prompt, self.page_size, limit // self.page_size)
+        reach = min(limit, max(state.num_computed for state in self._lru.values()))
+        hashes = page_hashes(prompt, self.page_size, reach // self.page_size)
         best = None
         for pages in range(len(hashes) - 1, -1, -1):
             for state in self._by_hash.get(hashes[pages], ()):
