@@ -158,7 +158,9 @@ def _install() -> None:
             managers = lminf_managers(self.kv_cache_manager)
             pages = tuple(manager.detach(request_id) for manager in managers)
             tokens = array("i", request.all_token_ids)
-            computed = request.num_computed_tokens
+            # the last sampled token is never fed (with async scheduling a step may have
+            # fed it already: its KV is then rewritten by the continuation, identically)
+            computed = min(request.num_computed_tokens, len(tokens) - 1)
             state = sessions.StreamState(
                 token_ids=tokens, num_computed=computed, pages=pages,
                 settings=store.settings_of(params.extra_args),
