@@ -44,18 +44,20 @@ def make_engine(mode: str, max_model_len: int):
     from vllm import LLM
 
     common = dict(dtype="float32", max_model_len=max_model_len, max_num_seqs=1,
-                  enforce_eager=True, seed=0, gpu_memory_utilization=0.3, block_size=16)
+                  enforce_eager=True, seed=0, gpu_memory_utilization=0.3)
     if mode == "vllm-prefix-cache":
         # the tiny model's config says 256 positions; dense RoPE past them is out of its
-        # training (the outputs are not meaningful) but costs the same
+        # training (the outputs are not meaningful) but costs the same. vLLM's CPU
+        # attention takes pages of a multiple of 32 tokens: the smallest, for the finest
+        # prefix-cache hits.
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
-        return LLM(str(MODEL_DIR), enable_prefix_caching=True, **common)
+        return LLM(str(MODEL_DIR), enable_prefix_caching=True, block_size=32, **common)
     lminf = {"lminf-session": {}, "lminf-resend": {"continuation": True},
              "lminf-reprefill": {"stream_states": 0},
              "lminf-full-reprefill": {"stream_states": 0,
                                       "receptive_field_prefill": False}}[mode]
     return LLM(str(MODEL_DIR), attention_backend="lminf", additional_config={"lminf": lminf},
-               **common)
+               block_size=16, **common)
 
 
 def pages_held(llm, mode: str) -> int:
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=64)
     parser.add_argument("--turn-tokens", type=int, default=TRAINED_LENGTH)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--keep", default=None,
+                        help="an earlier result JSON whose modes (not rerun) are kept, each "
+                             "with the machine facts of its own run")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     modes = args.modes.split(",")
@@ -160,6 +165,15 @@ def main() -> None:
         raise SystemExit(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     tokens = val_tokens()
     results = {}
+    if args.keep:
+        import json
+
+        earlier = json.loads(open(args.keep).read())
+        results = {mode: rows for mode, rows in earlier["modes"].items()
+                   if mode not in modes}
+        for rows in results.values():
+            for row in rows:
+                row.setdefault("run", earlier["machine"])
     for mode in modes:  # written after each mode, so a run cut short keeps what it measured
         results[mode] = run_conversation(mode, args.turns, args.turn_tokens, tokens)
         path, summary = write(args, results)
