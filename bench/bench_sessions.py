@@ -20,6 +20,8 @@ lminf sessions/resend; the pool's used blocks for stock vLLM).
 
     python bench/bench_sessions.py                       # 64 turns, all modes
     python bench/bench_sessions.py --turns 8 --modes lminf-session,vllm-prefix-cache
+    python bench/bench_sessions.py --modes lminf-reprefill,lminf-full-reprefill \
+        --timed-turns 1,8,16,32,48,64 --keep bench/results/<earlier run>.json
 """
 
 from __future__ import annotations
@@ -83,7 +85,14 @@ def forget_kept_states(llm) -> None:
     scheduler.kv_cache_manager.reset_prefix_cache()
 
 
-def run_conversation(mode: str, turns: int, turn_tokens: int, tokens) -> list[dict]:
+STATELESS = ("lminf-reprefill", "lminf-full-reprefill")
+
+
+def run_conversation(mode: str, turns: int, turn_tokens: int, tokens,
+                     timed_turns: set[int] | None = None) -> list[dict]:
+    """timed_turns: for a mode that keeps no state, the turns to run (the others only
+    grow the conversation, with its last new token standing in for the generated one):
+    such a turn's cost depends on its prompt's length alone."""
     from vllm import SamplingParams
 
     llm = make_engine(mode, max_model_len=turns * (turn_tokens + 1) + 64)
@@ -100,6 +109,9 @@ def run_conversation(mode: str, turns: int, turn_tokens: int, tokens) -> list[di
             prompt = new
         else:
             prompt = conversation + new
+        if mode in STATELESS and timed_turns and turn + 1 not in timed_turns:
+            conversation += new + new[-1:]
+            continue
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
                                 extra_args=extra)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -154,6 +166,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=64)
     parser.add_argument("--turn-tokens", type=int, default=TRAINED_LENGTH)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--timed-turns", default=None,
+                        help="comma-separated turns to time in the modes that keep no "
+                             "state (default: every turn)")
     parser.add_argument("--keep", default=None,
                         help="an earlier result JSON whose modes (not rerun) are kept, each "
                              "with the machine facts of its own run")
@@ -175,7 +190,9 @@ def main() -> None:
             for row in rows:
                 row.setdefault("run", earlier["machine"])
     for mode in modes:  # written after each mode, so a run cut short keeps what it measured
-        results[mode] = run_conversation(mode, args.turns, args.turn_tokens, tokens)
+        timed = ({int(t) for t in args.timed_turns.split(",")} if args.timed_turns
+                 else None)
+        results[mode] = run_conversation(mode, args.turns, args.turn_tokens, tokens, timed)
         path, summary = write(args, results)
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     print(summary)
