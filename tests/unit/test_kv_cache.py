@@ -197,23 +197,25 @@ def test_ring_counters_reach_scheduler_stats():
     prompt_tokens, max_tokens = 5000, 40
     scheduler.add_request(make_request("r", [5] * prompt_tokens, max_tokens=max_tokens))
     no_op_step(scheduler)
-    assert stats() == STORE_IDLE | dict(pages_pinned=PINNED, ring_pages=6, ring_pages_overwritten=0,
-                           tokens_past_trained_length=0, requests_past_trained_length=0,
-                           prompt_tokens_skipped=0)
+    assert stats() == STORE_IDLE | dict(
+        pages_pinned=PINNED, ring_pages=6, ring_pages_overwritten=0,
+        tokens_past_trained_length=0, requests_past_trained_length=0, prompt_tokens_skipped=0)
     no_op_step(scheduler)
     no_op_step(scheduler)
     # three chunks of n_local = 128 tokens: 24 pages, 2 pinned, 17 in the ring, 5 overwritten
-    assert stats() == STORE_IDLE | dict(pages_pinned=PINNED, ring_pages=RING, ring_pages_overwritten=5,
-                           tokens_past_trained_length=3 * 128 - 256,
-                           requests_past_trained_length=1, prompt_tokens_skipped=0)
+    assert stats() == STORE_IDLE | dict(
+        pages_pinned=PINNED, ring_pages=RING, ring_pages_overwritten=5,
+        tokens_past_trained_length=3 * 128 - 256, requests_past_trained_length=1,
+        prompt_tokens_skipped=0)
     while "r" in scheduler.requests:
         no_op_step(scheduler)
     # the last sampled token is never written to the cache
     slots_written = prompt_tokens + max_tokens - 1
-    assert stats() == STORE_IDLE | dict(pages_pinned=0, ring_pages=0,
-                           ring_pages_overwritten=-(-slots_written // PAGE) - PER_REQUEST,
-                           tokens_past_trained_length=slots_written - 256,
-                           requests_past_trained_length=0, prompt_tokens_skipped=0)
+    assert stats() == STORE_IDLE | dict(
+        pages_pinned=0, ring_pages=0,
+        ring_pages_overwritten=-(-slots_written // PAGE) - PER_REQUEST,
+        tokens_past_trained_length=slots_written - 256, requests_past_trained_length=0,
+        prompt_tokens_skipped=0)
     assert stats() == STORE_IDLE | dataclasses.asdict(manager.counters)
 
 
