@@ -20,7 +20,12 @@ from typing import Any, Mapping
 
 ADDITIONAL_CONFIG_KEY = "lminf"
 ALLOWED_KEYS = ("n_global", "n_local", "trained_length", "max_prefill_chunk_tokens",
-                "attention_impl", "receptive_field_prefill")
+                "attention_impl", "receptive_field_prefill", "stream_states",
+                "stream_idle_timeout_s", "continuation")
+# Kept stream states (lminf_vllm/sessions.py): how many at most, and how long one may sit
+# unused; each holds at most G + R pages of the block pool.
+DEFAULT_STREAM_STATES = 16
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 600
 # Which attention path runs: "auto" (the Triton kernels on CUDA, the CPU path elsewhere),
 # "reference" (the PyTorch reference on any device), "triton" (the kernels on any device;
 # on the CPU only under the Triton interpreter, TRITON_INTERPRET=1).
@@ -58,6 +63,11 @@ class LMInfConfig:
     receptive_field_layers: the attention layers n of receptive-field prefill (a prompt
         without prompt logprobs computes its global prefix and last n·(n_local - 1) + 1
         tokens: lminf_vllm/receptive_field.py); 0 when it is off.
+    stream_states: the most stream states (sessions and, with continuation, finished
+        requests) kept between requests (lminf_vllm/sessions.py); 0 keeps none.
+    stream_idle_timeout_s: a kept state unused this long is evicted.
+    continuation: keep every finished request's state, for transparent continuation of
+        clients that resend the whole history (off: only sessions are kept).
     """
 
     n_global: int
@@ -67,6 +77,9 @@ class LMInfConfig:
     max_prefill_chunk_tokens: int
     attention_impl: str = "auto"
     receptive_field_layers: int = 0
+    stream_states: int = DEFAULT_STREAM_STATES
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    continuation: bool = False
 
     def __post_init__(self) -> None:
         _check_int("page_size (--block-size)", self.page_size, 1, None)
@@ -78,6 +91,14 @@ class LMInfConfig:
                    hint="the window cannot exceed the distance limit L")
         _check_int("max_prefill_chunk_tokens", self.max_prefill_chunk_tokens, 1, None)
         _check_int("receptive_field_layers", self.receptive_field_layers, 0, None)
+        _check_int("stream_states", self.stream_states, 0, None)
+        timeout = self.stream_idle_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise LMInfConfigError(
+                f"lminf: stream_idle_timeout_s={timeout!r} must be a number of seconds > 0")
+        if not isinstance(self.continuation, bool):
+            raise LMInfConfigError(
+                f"lminf: continuation={self.continuation!r} must be true or false")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise LMInfConfigError(
                 f"lminf: attention_impl={self.attention_impl!r} is not one of "
@@ -216,6 +237,10 @@ def build_config(parameters: Mapping[str, Any], *, page_size: int, hf_config: An
         attention_impl=parameters.get("attention_impl", "auto"),
         receptive_field_layers=(receptive_field_layers
                                 if receptive_field_prefill(parameters) else 0),
+        stream_states=parameters.get("stream_states", DEFAULT_STREAM_STATES),
+        stream_idle_timeout_s=parameters.get("stream_idle_timeout_s",
+                                             DEFAULT_STREAM_IDLE_TIMEOUT_S),
+        continuation=parameters.get("continuation", False),
     )
 
 

@@ -8,7 +8,12 @@ the pool when the request finishes, is aborted or is preempted (the base manager
 `free`); a preempted request recomputes its stream from the start and rebuilds the ring.
 
 Prefix caching cannot work on recycled pages (a ring page holds different tokens over
-time), so the spec opts out of it and the manager never reports a hit.
+time), so the spec opts out of it and the manager never reports a hit. What works instead
+is keeping a finished stream's whole state (lminf_vllm/sessions.py): `detach` takes a
+request's blocks out of the manager without freeing them, and a later request that
+continues the stream adopts a copy of them (`expect_adoption`, then vLLM's prefix-hit
+path calls `add_local_computed_blocks`): fresh blocks in the same columns, filled by vLLM's
+copy-on-write channel before the step's forward.
 
 Modelled on vLLM's CircularBufferSpec / CircularBufferManager (one ring block per
 request), generalised to G + R blocks.
@@ -30,6 +35,22 @@ from vllm.v1.request import Request
 
 from lminf_vllm import metrics
 from lminf_vllm.config import LMInfConfig
+
+
+@dataclass
+class GroupPages:
+    """One KV cache group's part of a kept stream state: its blocks in block-table order
+    and the manager's bookkeeping of the stream (tokens and pages written, pages its
+    receptive-field prefill skipped)."""
+
+    blocks: list[KVCacheBlock]
+    tokens: int
+    pages_written: int
+    skipped_pages: int
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.blocks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +128,8 @@ class LMInfManager(FullAttentionManager):
         self._stream_extent: dict[str, tuple[int, int]] = {}
         # request id -> logical pages its receptive-field prefill skipped (never written)
         self._skipped_pages: dict[str, int] = {}
+        # request id -> the kept state it is about to adopt (sessions.py)
+        self._adoptions: dict[str, GroupPages] = {}
 
     @property
     def has_positionally_stable_blocks(self) -> bool:
@@ -160,7 +183,9 @@ class LMInfManager(FullAttentionManager):
         ring counters to the slots actually written (the tail continues the stream's
         pages where the prefix left them, at tail_start's true positions)."""
         self.counters.prompt_tokens_skipped += tail_start - skip_start
-        self._skipped_pages[request_id] = (tail_start // self.block_size
+        # added to what an adopted stream state had skipped before (sessions.py)
+        self._skipped_pages[request_id] = (self._skipped_pages.get(request_id, 0)
+                                           + tail_start // self.block_size
                                            - cdiv(skip_start, self.block_size))
         tokens, pages = self._stream_extent.get(request_id, (0, 0))
         trained_length = self.kv_cache_spec.trained_length
@@ -169,6 +194,7 @@ class LMInfManager(FullAttentionManager):
         self._stream_extent[request_id] = (tail_start, pages)
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        self._adoptions.pop(request_id, None)
         blocks = super().pop_blocks_for_free(request_id)
         self.counters.on_blocks_held(len(blocks), 0, self.kv_cache_spec.num_pinned_pages)
         self._skipped_pages.pop(request_id, None)
@@ -191,13 +217,53 @@ class LMInfManager(FullAttentionManager):
                                pcp_world_size: int = 1):
         return tuple([] for _ in kv_cache_group_ids), 0
 
+    def expect_adoption(self, request_id: str, pages: GroupPages) -> None:
+        """The next computed blocks this request gets are a kept state's (sessions.py)."""
+        self._adoptions[request_id] = pages
+
     def add_local_computed_blocks(self, request_id: str,
                                   new_computed_blocks: Sequence[KVCacheBlock],
                                   num_local_computed_tokens: int,
                                   num_external_computed_tokens: int) -> None:
-        if new_computed_blocks:
-            raise RuntimeError("lminf: a ring request got prefix-cache blocks; prefix "
-                               "caching must be off for lminf")
+        """Adopt a kept stream state: fresh blocks in the same block-table columns, each
+        filled from its source by vLLM's copy-on-write channel (the worker copies before
+        the step's forward), so the kept state is never written by this request."""
+        if not new_computed_blocks:
+            return
+        pages = self._adoptions.pop(request_id, None)
+        if pages is None or list(new_computed_blocks) != pages.blocks:
+            raise RuntimeError("lminf: a ring request got prefix-cache blocks that are no "
+                               "kept stream state; prefix caching must be off for lminf")
+        if self.req_to_blocks.get(request_id):
+            raise RuntimeError(f"lminf: request {request_id} adopts a stream state but "
+                               f"already holds blocks")
+        copies = self.block_pool.get_new_blocks(len(pages.blocks))
+        self.req_to_blocks[request_id].extend(copies)
+        for source, copy in zip(pages.blocks, copies):
+            # both ends retained until the copy has run (the scheduler frees the extra
+            # refs with the step's fence, as for vLLM's own CoW copies)
+            source.ref_cnt += 1
+            copy.ref_cnt += 1
+            self._pending_cow_copies.append((source, copy))
+        spec = self.kv_cache_spec
+        self.counters.on_blocks_held(0, len(copies), spec.num_pinned_pages)
+        self.counters.requests_past_trained_length += int(pages.tokens
+                                                          > spec.trained_length)
+        self._stream_extent[request_id] = (pages.tokens, pages.pages_written)
+        if pages.skipped_pages:
+            self._skipped_pages[request_id] = pages.skipped_pages
+
+    def detach(self, request_id: str) -> GroupPages:
+        """Take a finished request's blocks and stream bookkeeping out of the manager
+        without freeing the blocks (they become a kept state, sessions.py)."""
+        skipped = self._skipped_pages.get(request_id, 0)
+        tokens, pages_written = self._stream_extent.get(request_id, (0, 0))
+        blocks = self.pop_blocks_for_free(request_id)
+        return GroupPages(blocks, tokens, pages_written, skipped)
+
+    def free_kept(self, pages: GroupPages) -> None:
+        """Return a kept state's blocks to the pool."""
+        self.block_pool.free_blocks(reversed(pages.blocks))
 
     def cache_blocks(self, request: Request, num_tokens: int,
                      retention_interval: int | None = None, *,

@@ -73,6 +73,20 @@ SERIES: tuple[Series, ...] = (
     Series("prompt_tokens_skipped", "lminf:prompt_tokens_skipped", "counter",
            "Prompt tokens never computed by receptive-field prefill (outside the global "
            "prefix and the last n_layers * (n_local - 1) + 1 tokens)"),
+    # the stream-state store (lminf_vllm/sessions.py: StoreCounters)
+    Series("sessions_held", "lminf:sessions_held", "gauge",
+           "Sessions whose state (G + R pages) is kept between requests"),
+    Series("stream_states_held", "lminf:stream_states_held", "gauge",
+           "Stream states kept between requests (sessions and finished streams)"),
+    Series("stream_state_pages", "lminf:stream_state_pages", "gauge",
+           "KV pages held by kept stream states"),
+    Series("stream_states_evicted", "lminf:stream_states_evicted", "counter",
+           "Kept stream states evicted (memory pressure, the cap, the idle timeout)"),
+    Series("sessions_evicted", "lminf:sessions_evicted", "counter",
+           "Sessions whose kept state was evicted (their next request is refused: resend "
+           "the full stream)"),
+    Series("stream_tokens_adopted", "lminf:stream_tokens_adopted", "counter",
+           "Tokens requests did not recompute because they continued a kept state"),
 )
 
 # Page counts are per KV cache group (each group claims its own blocks), so they add up over

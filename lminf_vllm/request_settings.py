@@ -10,8 +10,9 @@ the OpenAI API's `vllm_xargs` (which becomes extra_args) takes only scalar value
     lminf_n_global: an integer in [0, the engine's n_global]
     lminf_n_local:  an integer in [1, the engine's n_local]
 
-Any other `lminf_` key is refused; keys without the prefix belong to other extensions and
-are left alone.
+The session keys (`lminf_session`, `lminf_session_new`, `lminf_session_close`) travel the
+same way and are checked by lminf_vllm/sessions.py. Any other `lminf_` key is refused; keys
+without the prefix belong to other extensions and are left alone.
 
 vLLM hands the attention metadata builder no per-request data, so the values reach it
 through vLLM's logits-processor extension point, which sees every request's SamplingParams
@@ -42,6 +43,8 @@ from typing import Any, Mapping
 import numpy as np
 from vllm.exceptions import VLLMValidationError
 
+from lminf_vllm import sessions
+
 KEY_PREFIX = "lminf_"
 # extra_args key -> (setting, smallest allowed value); the largest is the engine's value.
 KEYS = {"lminf_n_global": ("n_global", 0), "lminf_n_local": ("n_local", 1)}
@@ -62,10 +65,12 @@ def requested(extra_args: Mapping[str, Any] | None, n_global: int,
     """
     error = VLLMValidationError
     args = extra_args or {}
-    unknown = sorted(k for k in args if k.startswith(KEY_PREFIX) and k not in KEYS)
+    unknown = sorted(k for k in args if k.startswith(KEY_PREFIX) and k not in KEYS
+                     and k not in sessions.KEYS)
     if unknown:
         raise error(f"lminf: unknown per-request setting(s) {unknown} in extra_args "
-                    f"(vllm_xargs); allowed: {sorted(KEYS)}", parameter=unknown[0])
+                    f"(vllm_xargs); allowed: {sorted(KEYS) + list(sessions.KEYS)}",
+                    parameter=unknown[0])
     engine = {"n_global": n_global, "n_local": n_local}
     values = dict(engine)
     for key, (name, low) in KEYS.items():
@@ -163,6 +168,7 @@ def _row_settings_class(n_global: int, n_local: int, name: str) -> type:
         @classmethod
         def validate_params(cls, sampling_params):
             requested(sampling_params.extra_args, n_global, n_local)
+            sessions.validate_session_params(sampling_params)
 
         def __init__(self, vllm_config, device, is_pin_memory: bool) -> None:
             self.table = _record_into(vllm_config, vllm_config.scheduler_config.max_num_seqs)
@@ -199,6 +205,7 @@ def _slot_settings_class(n_global: int, n_local: int, name: str) -> type:
         @classmethod
         def validate_params(cls, sampling_params) -> None:
             requested(sampling_params.extra_args, n_global, n_local)
+            sessions.validate_session_params(sampling_params)
 
         def __init__(self, vllm_config, req_states) -> None:
             self.table = _record_into(vllm_config, req_states.max_num_reqs)

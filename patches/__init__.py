@@ -11,7 +11,8 @@ supported CUDA wheels' sources (`check_wheels.py`).
 from . import (backend_enum_pickle, bounded_buffers, cli_version, cpu_backend_selection,
                cpu_page_size, layer_kv_spec, long_context, page_local_rope,
                prefill_chunk_cap, receptive_field_prefill, ring_slot_mapping,
-               runner_for_builders, scheduler_stats_lminf)
+               runner_for_builders, scheduler_stats_lminf, session_refusals,
+               stream_states)
 from ._patch import SUPPORTED_BUILDS, Patch, PatchError, require_supported_build
 
 PATCHES: tuple[Patch, ...] = (
@@ -28,6 +29,8 @@ PATCHES: tuple[Patch, ...] = (
     scheduler_stats_lminf.PATCH,
     receptive_field_prefill.PATCH,
     runner_for_builders.PATCH,
+    stream_states.PATCH,
+    session_refusals.PATCH,
 )
 
 __all__ = ["PATCHES", "Patch", "PatchError", "apply_all"]

@@ -45,12 +45,19 @@ def _declare_field(stats_class) -> None:
 
 def ring_counters_of(kv_cache_manager) -> dict[str, int] | None:
     """The engine's lminf counters, combined over its lminf KV cache groups (or None)."""
-    from lminf_vllm import metrics
+    from dataclasses import asdict
+
+    from lminf_vllm import metrics, sessions
     from lminf_vllm.kv_cache import LMInfManager
 
-    return metrics.combine(manager.counters
-                           for manager in kv_cache_manager.coordinator.single_type_managers
-                           if isinstance(manager, LMInfManager))
+    counters = metrics.combine(manager.counters
+                               for manager in kv_cache_manager.coordinator.single_type_managers
+                               if isinstance(manager, LMInfManager))
+    if counters is not None:
+        store = sessions.store_of(kv_cache_manager)
+        counters.update(asdict(store.counters if store is not None
+                               else sessions.StoreCounters()))
+    return counters
 
 
 def _install() -> None:

@@ -96,3 +96,21 @@ def test_receptive_field_prefill_switch():
     assert build_config({"receptive_field_prefill": False}, **common).receptive_field_layers == 0
     with pytest.raises(LMInfConfigError, match="receptive_field_prefill='no' must be true"):
         build_config({"receptive_field_prefill": "no"}, **common)
+
+
+def test_stream_state_settings():
+    common = dict(page_size=16, hf_config=hf_config(), max_num_batched_tokens=512)
+    config = build_config({}, **common)
+    assert (config.stream_states, config.stream_idle_timeout_s, config.continuation) == (
+        16, 600, False)
+    config = build_config({"stream_states": 0, "stream_idle_timeout_s": 2.5,
+                           "continuation": True}, **common)
+    assert (config.stream_states, config.stream_idle_timeout_s, config.continuation) == (
+        0, 2.5, True)
+    for bad, name in (({"stream_states": -1}, "stream_states"),
+                      ({"stream_states": 1.5}, "stream_states"),
+                      ({"stream_idle_timeout_s": 0}, "stream_idle_timeout_s"),
+                      ({"stream_idle_timeout_s": "600"}, "stream_idle_timeout_s"),
+                      ({"continuation": 1}, "continuation")):
+        with pytest.raises(LMInfConfigError, match=name):
+            build_config(bad, **common)
