@@ -105,7 +105,12 @@ def oracle_logprobs(prompt, uninterrupted):
 
 def run_preempted(llm, prompt, val_tokens, filler_steps: int, prompt_logprobs=None):
     """The long stream beside a filler that preempts it `filler_steps` decode steps in.
-    Returns (the long stream's output, its stream length when preempted)."""
+    Returns (the long stream's output, its stream length when preempted).
+
+    The filler's prompt leaves it FILLER_PAGES - 1 pages or fewer at admission: beside a
+    filler holding all FILLER_PAGES, vLLM's admission (which keeps headroom for running
+    requests) did not admit the stream until the filler finished."""
+    assert filler_steps >= PAGE
     engine = llm.llm_engine
     filler = val_tokens[90_000:90_000 + PAGE * FILLER_PAGES - filler_steps].tolist()
     engine.add_request("filler", {"prompt_token_ids": filler},
@@ -148,7 +153,10 @@ def test_a_stream_preempted_at_random_points_past_32L_resumes_exactly(
     pool = scheduler_of(llm).kv_cache_manager.block_pool
     free_before = pool.get_num_free_blocks()
     rng = np.random.default_rng(13)
-    for filler_steps in sorted(int(d) for d in rng.integers(20, 110, size=3)):
+    # one point early, one mid-way and one late in the 120-token decode (which starts
+    # about 9 steps in, after the stream's bounded first prefill)
+    for filler_steps in (int(rng.integers(low, high)) for low, high in
+                         ((16, 45), (45, 80), (80, 112))):
         before = counters(llm)
         got, stream = run_preempted(llm, prompt, val_tokens, filler_steps)
         after = counters(llm)
@@ -176,9 +184,9 @@ def test_prompt_logprobs_of_a_preempted_request(llm, prompt, val_tokens, uninter
     pool = scheduler_of(llm).kv_cache_manager.block_pool
     free_before = pool.get_num_free_blocks()
     before = counters(llm)
-    # the prompt takes 33 chunks of 256 tokens: the filler preempts at its step 10, or 70
+    # the prompt takes 33 chunks of 256 tokens: the filler preempts at its step 20, or 70
     got, stream = run_preempted(llm, prompt, val_tokens,
-                                filler_steps=10 if when == "mid-prompt" else 70,
+                                filler_steps=20 if when == "mid-prompt" else 70,
                                 prompt_logprobs=0)
     after = counters(llm)
     recomputed = after["recompute_tokens"] - before["recompute_tokens"]
