@@ -135,10 +135,10 @@ def main() -> None:
         for side, llm in engines.items():
             result = run_once(llm, side == "bounded", prompt, filler)
             runs[side].append(result)
-            print(f"repeat {repeat} {side}: preempted at {result['stream_tokens_at_preemption']}"
-                  f" tokens, recomputed {result['recompute_tokens']}, recovery "
-                  f"{result['recovery_wall_s']:.3f} s wall / {result['recovery_cpu_s']:.3f} s "
-                  f"CPU", flush=True)
+            print(f"repeat {repeat} {side}: preempted at "
+                  f"{result['stream_tokens_at_preemption']} tokens, recomputed "
+                  f"{result['recompute_tokens']}, recovery {result['recovery_wall_s']:.3f} s "
+                  f"wall / {result['recovery_cpu_s']:.3f} s CPU", flush=True)
     for llm in engines.values():
         shutdown(llm)
     same_output = runs["bounded"][0]["output_token_ids"] == \
@@ -148,8 +148,10 @@ def main() -> None:
         summary[side] = {
             "stream_tokens_at_preemption": side_runs[0]["stream_tokens_at_preemption"],
             "recompute_tokens": side_runs[0]["recompute_tokens"],
-            "recovery_wall_s_median": statistics.median(r["recovery_wall_s"] for r in side_runs),
-            "recovery_cpu_s_median": statistics.median(r["recovery_cpu_s"] for r in side_runs),
+            "recovery_wall_s_median": statistics.median(r["recovery_wall_s"]
+                                                        for r in side_runs),
+            "recovery_cpu_s_median": statistics.median(r["recovery_cpu_s"]
+                                                       for r in side_runs),
             "runs": [{k: v for k, v in r.items() if k != "output_token_ids"}
                      for r in side_runs]}
     bounded, full = summary["bounded"], summary["full_replay"]

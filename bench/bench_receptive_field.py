@@ -2,8 +2,9 @@
 
 One engine per side, in turn, in one run: the tiny model with lminf defaults (n_global 64,
 n_local 256, B 16, chunk 256), lminf.receptive_field_prefill true or false. Each prompt
-(held-out tokens, L to the largest multiple asked for; see below past 602L) is generated with max_tokens=1, so
-the wall time is the prefill plus one sampled token; the median of --repeats runs is kept.
+(held-out tokens, L to the largest multiple asked for; repeated past 602L, below) is
+generated with max_tokens=1, so the wall time is the prefill plus one sampled token; the
+median of --repeats runs is kept.
 With skipping, every prompt past about 1.8K tokens computes its first chunk and its last
 R + up to B - 1 tokens (R = 6 · 255 + 1), so its time should be flat beyond that.
 
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--multiples", default="1,2,4,8,16,32,64",
                         help="prompt lengths in units of L = 256")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tag", default="",
+                        help="appended to the result's name (keeps an earlier run's file)")
     args = parser.parse_args()
     tokens = val_tokens()
     lengths = [int(m) * TRAINED_LENGTH for m in args.multiples.split(",")]
@@ -69,7 +72,7 @@ def main() -> None:
     off = time_prompts(False, prompts, args.repeats)
     rows = [{"prompt_tokens": n, "skipping_s": on[n], "full_s": off[n],
              "speedup": off[n] / on[n]} for n in lengths]
-    path = save("receptive_field_ttft", {
+    path = save("receptive_field_ttft" + (f"_{args.tag}" if args.tag else ""), {
         "command": "python bench/bench_receptive_field.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items()),
         "settings": {"model": "tiny-llama-L256 (6 layers)", "n_global": 64, "n_local": 256,

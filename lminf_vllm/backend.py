@@ -196,9 +196,10 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
     def _tail_starts(self, num_reqs: int) -> np.ndarray | None:
         """[num_reqs] each row's receptive-field tail start (0: none), as the scheduler
         jumps to it (patches/receptive_field_prefill.py); None when the engine skips
-        nothing. In decode the row's b grows with its stream but stays at or below
-        num_tokens - R, below every decode query's window, so it hides no visible key. Rows are the runner's input-batch rows, in order; rows past its requests
-        (padding, dummy batches) have none."""
+        nothing. Rows are the runner's input-batch rows, in order; rows past its requests
+        (padding, dummy batches) have none. In decode a row's b grows with its stream but
+        stays at or below num_tokens - R, below every decode query's window, so it hides
+        no key a query can see."""
         runner = self.engine.model_runner() if self.engine.model_runner else None
         if not self.config.receptive_field_layers or runner is None:
             return None

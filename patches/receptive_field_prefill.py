@@ -80,7 +80,8 @@ def needs_every_output(request) -> bool:
     params = request.sampling_params
     if params is None:
         return True
-    return params.prompt_logprobs is not None and request.num_tokens == request.num_prompt_tokens
+    has_output = request.num_tokens > request.num_prompt_tokens
+    return params.prompt_logprobs is not None and not has_output
 
 
 def jump_over_middle(request, config) -> int:

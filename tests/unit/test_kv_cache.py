@@ -202,8 +202,8 @@ def test_ring_counters_reach_scheduler_stats():
     # three chunks of n_local = 128 tokens: 24 pages, 2 pinned, 17 in the ring, 5 overwritten
     assert stats() == dict(pages_pinned=PINNED, ring_pages=RING, ring_pages_overwritten=5,
                            tokens_past_trained_length=3 * 128 - 256,
-                           requests_past_trained_length=1, prompt_tokens_skipped=0, recompute_tokens=0,
-                           recompute_tokens_skipped=0)
+                           requests_past_trained_length=1, prompt_tokens_skipped=0,
+                           recompute_tokens=0, recompute_tokens_skipped=0)
     while "r" in scheduler.requests:
         no_op_step(scheduler)
     # the last sampled token is never written to the cache
@@ -211,8 +211,8 @@ def test_ring_counters_reach_scheduler_stats():
     assert stats() == dict(pages_pinned=0, ring_pages=0,
                            ring_pages_overwritten=-(-slots_written // PAGE) - PER_REQUEST,
                            tokens_past_trained_length=slots_written - 256,
-                           requests_past_trained_length=0, prompt_tokens_skipped=0, recompute_tokens=0,
-                           recompute_tokens_skipped=0)
+                           requests_past_trained_length=0, prompt_tokens_skipped=0,
+                           recompute_tokens=0, recompute_tokens_skipped=0)
     assert stats() == dataclasses.asdict(manager.counters)
 
 
