@@ -13,7 +13,9 @@ the replay computed, and every page is back in the pool.
 
 A request with prompt logprobs that is preempted before its first output recomputes every
 token (its prompt logprobs are still due) and returns them exact; one preempted after its
-first output has them already and skips like any other.
+first output has them already and skips like any other. A stream rebuilt from the token
+ids a client resends (prompt and generated output as one prompt) is receptive-field
+prefill, and continues exactly too.
 
 One in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, to read the scheduler): the tiny
 model (6 layers, L = 256), B = 16, n_global = 64 (G = 4), n_local = 256 and the default
@@ -199,3 +201,24 @@ def test_prompt_logprobs_of_a_preempted_request(llm, prompt, val_tokens, uninter
                  f"prompt logprobs, preempted {when}")
     check_continued_decode(got, uninterrupted, oracle_logprobs, f"preempted {when}")
     assert pool.get_num_free_blocks() == free_before, "pages leaked"
+
+
+def test_a_stream_resent_with_its_output_continues_exactly(llm, prompt, uninterrupted,
+                                                           oracle_logprobs):
+    """A client rebuilding the stream resends its token ids, prompt and generated output,
+    as one prompt: receptive-field prefill computes its first chunk and last R tokens, and
+    the continuation is the uninterrupted request's."""
+    generated = list(uninterrupted.outputs[0].token_ids)
+    kept = 40
+    before = counters(llm)
+    out, = llm.generate([{"prompt_token_ids": prompt + generated[:kept]}],
+                        SamplingParams(max_tokens=OUTPUT_TOKENS - kept, temperature=0,
+                                       logprobs=0, ignore_eos=True), use_tqdm=False)
+    resent = PROMPT_TOKENS + kept
+    skipped = counters(llm)["prompt_tokens_skipped"] - before["prompt_tokens_skipped"]
+    assert skipped == bounded_tail_start(resent) - FIRST_CHUNK > 0
+    assert list(out.outputs[0].token_ids) == generated[kept:]
+    assert_close(sampled_logprobs(out), sampled_logprobs(uninterrupted)[kept:],
+                 "resent stream vs uninterrupted")
+    assert_close(sampled_logprobs(out), oracle_logprobs[resent - 1:],
+                 "resent stream vs the float64 oracle", offset=resent - 1)
