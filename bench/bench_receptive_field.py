@@ -2,13 +2,17 @@
 
 One engine per side, in turn, in one run: the tiny model with lminf defaults (n_global 64,
 n_local 256, B 16, chunk 256), lminf.receptive_field_prefill true or false. Each prompt
-(held-out tokens, L to the largest multiple asked for) is generated with max_tokens=1, so
-the wall time is the prefill plus one sampled token; the median of --repeats runs is kept.
+(held-out tokens, L to the largest multiple asked for; repeated past 602L, below) is
+generated with max_tokens=1, so the wall time is the prefill plus one sampled token; the
+median of --repeats runs is kept.
 With skipping, every prompt past about 1.8K tokens computes its first chunk and its last
 R + up to B - 1 tokens (R = 6 · 255 + 1), so its time should be flat beyond that.
 
     python bench/bench_receptive_field.py                 # L .. 64L
-    python bench/bench_receptive_field.py --multiples 1,4,16,64,256
+    python bench/bench_receptive_field.py --multiples 1,4,16,64,256,512,1024
+
+Prompts longer than the held-out text (154,255 tokens, about 602L) repeat it from its
+start (np.resize).
 """
 
 from __future__ import annotations
@@ -56,23 +60,26 @@ def main() -> None:
     parser.add_argument("--multiples", default="1,2,4,8,16,32,64",
                         help="prompt lengths in units of L = 256")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tag", default="",
+                        help="appended to the result's name (keeps an earlier run's file)")
     args = parser.parse_args()
     tokens = val_tokens()
     lengths = [int(m) * TRAINED_LENGTH for m in args.multiples.split(",")]
-    if max(lengths) > len(tokens):
-        raise SystemExit(f"the held-out text has {len(tokens)} tokens, fewer than "
-                         f"{max(lengths)}")
-    prompts = {n: tokens[:n].tolist() for n in lengths}
+    # Past its end the held-out text is repeated from its start: the prompt stays real
+    # text (what the model computes on), and neither side caches anything across it.
+    prompts = {n: np.resize(tokens, n).tolist() for n in lengths}
     on = time_prompts(True, prompts, args.repeats)
     off = time_prompts(False, prompts, args.repeats)
     rows = [{"prompt_tokens": n, "skipping_s": on[n], "full_s": off[n],
              "speedup": off[n] / on[n]} for n in lengths]
-    path = save("receptive_field_ttft", {
+    path = save("receptive_field_ttft" + (f"_{args.tag}" if args.tag else ""), {
         "command": "python bench/bench_receptive_field.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items()),
         "settings": {"model": "tiny-llama-L256 (6 layers)", "n_global": 64, "n_local": 256,
                      "page_size": 16, "max_prefill_chunk_tokens": 256, "max_tokens": 1,
-                     "repeats": args.repeats, "statistic": "median wall time of generate"},
+                     "repeats": args.repeats, "statistic": "median wall time of generate",
+                     "text": f"held-out tokens (shared/data/val.npy, {len(tokens)} tokens), "
+                             f"repeated from the start past their end"},
         "rows": rows})
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(lengths, [off[n] for n in lengths], "o-", label="every prompt token computed")

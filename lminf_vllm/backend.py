@@ -197,15 +197,18 @@ class LMInfMetadataBuilder(AttentionMetadataBuilder[LMInfMetadata]):
         """[num_reqs] each row's receptive-field tail start (0: none), as the scheduler
         jumps to it (patches/receptive_field_prefill.py); None when the engine skips
         nothing. Rows are the runner's input-batch rows, in order; rows past its requests
-        (padding, dummy batches) have none."""
+        (padding, dummy batches) have none. In decode a row's b grows with its stream but
+        stays at or below num_tokens - R, below every decode query's window, so it hides
+        no key a query can see."""
         runner = self.engine.model_runner() if self.engine.model_runner else None
         if not self.config.receptive_field_layers or runner is None:
             return None
         starts = np.zeros(num_reqs, dtype=np.int64)
         for row, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             request = runner.requests[req_id]
+            # num_tokens: the prompt, or a resumed request's prompt and output so far
             starts[row] = receptive_field.request_tail_start(
-                self.config, request.num_prompt_tokens, needs_every_output(request))
+                self.config, request.num_tokens, needs_every_output(request))
         return starts
 
     def build_for_cudagraph_capture(

@@ -5,7 +5,8 @@ grows (the first G + R logical pages map one-to-one onto them); once it holds G 
 ring is full and every later page overwrites the oldest ring page in place
 (`rope_frame.table_slot`): no allocation and no freeing mid-stream. All blocks go back to
 the pool when the request finishes, is aborted or is preempted (the base manager's
-`free`); a preempted request recomputes its stream from the start and rebuilds the ring.
+`free`); a preempted request rebuilds its ring by recomputing its stream's global prefix
+and last n_layers · (n_local - 1) + 1 tokens (patches/receptive_field_prefill.py).
 
 Prefix caching cannot work on recycled pages (a ring page holds different tokens over
 time), so the spec opts out of it and the manager never reports a hit. What works instead
@@ -177,12 +178,17 @@ class LMInfManager(FullAttentionManager):
             self._stream_extent[request_id] = (num_tokens, pages)
         return self._claim(request_id, num_tokens)
 
-    def on_prompt_skipped(self, request_id: str, skip_start: int, tail_start: int) -> None:
+    def on_prompt_skipped(self, request_id: str, skip_start: int, tail_start: int,
+                          resumed: bool = False) -> None:
         """Receptive-field prefill jumped the request from skip_start to the page-aligned
-        tail_start (patches/receptive_field_prefill.py): count the tokens, and keep the
-        ring counters to the slots actually written (the tail continues the stream's
-        pages where the prefix left them, at tail_start's true positions)."""
-        self.counters.prompt_tokens_skipped += tail_start - skip_start
+        tail_start (patches/receptive_field_prefill.py): count the tokens (as a recovery's
+        when the request is rebuilding its stream after preemption), and keep the ring
+        counters to the slots actually written (the tail continues the stream's pages
+        where the prefix left them, at tail_start's true positions)."""
+        if resumed:
+            self.counters.recompute_tokens_skipped += tail_start - skip_start
+        else:
+            self.counters.prompt_tokens_skipped += tail_start - skip_start
         # added to what an adopted stream state had skipped before (sessions.py)
         self._skipped_pages[request_id] = (self._skipped_pages.get(request_id, 0)
                                            + tail_start // self.block_size

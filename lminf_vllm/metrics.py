@@ -24,6 +24,8 @@ class RingCounters:
     tokens_past_trained_length: int = 0
     requests_past_trained_length: int = 0
     prompt_tokens_skipped: int = 0  # receptive-field prefill (patches/receptive_field_prefill)
+    recompute_tokens: int = 0  # computed again by requests resumed after preemption
+    recompute_tokens_skipped: int = 0  # of their streams, not computed again (same patch)
 
     def on_stream_growth(self, pages_before: int, pages_after: int, tokens_before: int,
                          tokens_after: int, pages_per_request: int,
@@ -87,6 +89,13 @@ SERIES: tuple[Series, ...] = (
            "the full stream)"),
     Series("stream_tokens_adopted", "lminf:stream_tokens_adopted", "counter",
            "Tokens requests did not recompute because they continued a kept state"),
+    Series("recompute_tokens", "lminf:recompute_tokens", "counter",
+           "Tokens computed again to resume requests after preemption (their global "
+           "prefix and last n_layers * (n_local - 1) + 1 tokens, or the whole stream with "
+           "receptive-field prefill off)"),
+    Series("recompute_tokens_skipped", "lminf:recompute_tokens_skipped", "counter",
+           "Tokens of preempted requests' streams that their recovery did not compute "
+           "again"),
 )
 
 # Page counts are per KV cache group (each group claims its own blocks), so they add up over

@@ -85,13 +85,16 @@ def tail_start(prompt_tokens: int, n_global: int, n_local: int, num_layers: int,
     return start if skips_something and start - (n_local - 1) >= pinned_tokens else 0
 
 
-def request_tail_start(config: LMInfConfig, prompt_tokens: int,
+def request_tail_start(config: LMInfConfig, stream_tokens: int,
                        needs_every_output: bool) -> int:
     """`tail_start` for one request of an engine, or 0 where it computes every token: the
     engine has receptive-field prefill off (config.receptive_field_layers == 0), or the
-    request reads the output of every prompt token (prompt logprobs, pooling). The
-    scheduler (which jumps) and the metadata builder (which plans) both decide here."""
+    request reads the output of every prompt token (prompt logprobs, pooling).
+
+    stream_tokens is what the request computes up to: its prompt, or, for a request
+    resumed after preemption, its prompt and the output so far (the stream it rebuilds).
+    The scheduler (which jumps) and the metadata builder (which plans) both decide here."""
     if needs_every_output or not config.receptive_field_layers:
         return 0
-    return tail_start(prompt_tokens, config.n_global, config.n_local,
+    return tail_start(stream_tokens, config.n_global, config.n_local,
                       config.receptive_field_layers, config.page_size)

@@ -199,14 +199,16 @@ def test_ring_counters_reach_scheduler_stats():
     no_op_step(scheduler)
     assert stats() == STORE_IDLE | dict(
         pages_pinned=PINNED, ring_pages=6, ring_pages_overwritten=0,
-        tokens_past_trained_length=0, requests_past_trained_length=0, prompt_tokens_skipped=0)
+        tokens_past_trained_length=0, requests_past_trained_length=0, prompt_tokens_skipped=0,
+        recompute_tokens=0, recompute_tokens_skipped=0)
     no_op_step(scheduler)
     no_op_step(scheduler)
     # three chunks of n_local = 128 tokens: 24 pages, 2 pinned, 17 in the ring, 5 overwritten
     assert stats() == STORE_IDLE | dict(
         pages_pinned=PINNED, ring_pages=RING, ring_pages_overwritten=5,
         tokens_past_trained_length=3 * 128 - 256, requests_past_trained_length=1,
-        prompt_tokens_skipped=0)
+        prompt_tokens_skipped=0, recompute_tokens=0,
+        recompute_tokens_skipped=0)
     while "r" in scheduler.requests:
         no_op_step(scheduler)
     # the last sampled token is never written to the cache
@@ -215,7 +217,8 @@ def test_ring_counters_reach_scheduler_stats():
         pages_pinned=0, ring_pages=0,
         ring_pages_overwritten=-(-slots_written // PAGE) - PER_REQUEST,
         tokens_past_trained_length=slots_written - 256, requests_past_trained_length=0,
-        prompt_tokens_skipped=0)
+        prompt_tokens_skipped=0, recompute_tokens=0,
+        recompute_tokens_skipped=0)
     assert stats() == STORE_IDLE | dataclasses.asdict(manager.counters)
 
 
@@ -255,9 +258,70 @@ def test_receptive_field_prefill_jumps_over_the_middle_of_a_prompt():
                      "full": -(-slots_written // PAGE)}
     assert scheduler.make_stats().lminf == STORE_IDLE | dict(
         pages_pinned=0, ring_pages=0, requests_past_trained_length=0,
-        prompt_tokens_skipped=start - N_LOCAL,
+        prompt_tokens_skipped=start - N_LOCAL, recompute_tokens=0, recompute_tokens_skipped=0,
         ring_pages_overwritten=sum(pages - PER_REQUEST for pages in pages_written.values()),
         tokens_past_trained_length=(slots_written - start) + (slots_written - 256))
+
+
+@pytest.mark.parametrize("case", ["skips", "prompt logprobs out", "prompt logprobs pending",
+                                  "bound off"])
+def test_a_preempted_stream_recomputes_its_prefix_and_last_tokens(case):
+    """A 3,000-token prompt decoding, preempted by real pool pressure: request "c" (added
+    first, so "long" is the victim) fills the pool's last page, needs one more in its last
+    step and so preempts "long" at stream length N. The replay computes the first chunk
+    and [b(N), N), b over the whole stream, prompt and output (R = 6 * 127 + 1 = 763);
+    a request whose prompt logprobs are still due (preempted mid-prompt), or an engine
+    with receptive-field prefill off, replays all of [0, N). Counted in the scheduler
+    stats; the pool ends as it began."""
+    from vllm.v1.metrics.stats import PrefixCacheStats
+    from vllm.v1.request import RequestStatus
+
+    from lminf_vllm.receptive_field import tail_start
+
+    bounded = case in ("skips", "prompt logprobs out")
+    prompt_logprobs = 0 if case.startswith("prompt logprobs") else None
+    # c holds K pages and needs page K + 1 in its step D + 1 after its prompt, its last
+    c_pages = 17
+    c_steps = 10 if case == "prompt logprobs pending" else 200
+    scheduler = make_scheduler(num_blocks=PER_REQUEST + c_pages,
+                               receptive_field_prefill=case != "bound off")
+    scheduler.log_stats = scheduler.kv_cache_manager.log_stats = True
+    scheduler.kv_cache_manager.prefix_cache_stats = PrefixCacheStats()
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    prompt_tokens, max_tokens = 3000, 260
+    scheduler.add_request(make_request("c", [7] * (PAGE * c_pages - c_steps),
+                                       max_tokens=c_steps + 2))
+    scheduler.add_request(make_request("long", [5] * prompt_tokens, max_tokens=max_tokens,
+                                       prompt_logprobs=prompt_logprobs))
+    long = scheduler.requests["long"]
+    preempted_at, replay = None, []
+    while scheduler.requests:
+        computed = long.num_computed_tokens
+        scheduled = no_op_step(scheduler)
+        if preempted_at is None and long.status == RequestStatus.PREEMPTED:
+            preempted_at = long.num_tokens
+        elif preempted_at is not None and "long" in scheduled and computed < preempted_at:
+            replay.append((computed, scheduled["long"]))
+    assert long.num_preemptions == 1 and long.num_output_tokens == max_tokens
+    if case == "prompt logprobs pending":
+        assert preempted_at == prompt_tokens, "preempted after its prompt"
+    else:
+        assert preempted_at > prompt_tokens + 150, "preempted before its output grew"
+
+    covered = [p for first, tokens in replay for p in range(first, first + tokens)]
+    start = tail_start(preempted_at, N_GLOBAL, N_LOCAL, 6, PAGE) if bounded else 0
+    assert start == (0 if not bounded else (preempted_at - 763) // PAGE * PAGE)
+    expected = [*range(N_LOCAL), *range(start, preempted_at)] if bounded \
+        else list(range(preempted_at))
+    assert covered == expected
+    stats = scheduler.make_stats().lminf
+    first_prefill_skip = (tail_start(prompt_tokens, N_GLOBAL, N_LOCAL, 6, PAGE) - N_LOCAL
+                          if case == "skips" else 0)
+    assert stats["prompt_tokens_skipped"] == first_prefill_skip
+    assert stats["recompute_tokens"] == len(expected)
+    assert stats["recompute_tokens_skipped"] == preempted_at - len(expected)
+    assert pool.get_num_free_blocks() == free_before
 
 
 def test_kv_connectors_are_refused_with_the_reason():
