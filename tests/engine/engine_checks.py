@@ -1,5 +1,8 @@
 """Helpers shared by the engine tests: start an engine, read prompt logprobs, compare."""
 
+import contextlib
+import os
+
 import numpy as np
 
 from conftest import MODEL_DIR
@@ -12,6 +15,23 @@ LOGPROB_ATOL = 2e-4
 
 TINY_L = 256
 LMINF_ORACLE_KWARGS = dict(mode="lminf", n_global=64, n_local=256, L=256, B=16)
+
+
+@contextlib.contextmanager
+def engine_core_in_process():
+    """Engines built inside keep their EngineCore in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, read when an LLM is built), so that a test can read
+    its scheduler and KV manager; the variable is restored afterwards."""
+    name = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    previous = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = previous
 
 
 def engine_kwargs(**overrides):

@@ -22,7 +22,6 @@ model (6 layers, L = 256), B = 16, n_global = 64 (G = 4), n_local = 256 and the 
 256-token chunk cap (ring R = 33 pages), so a request holds at most 37 pages.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -30,8 +29,8 @@ from vllm import LLM, SamplingParams
 from vllm.v1.request import RequestStatus
 
 from conftest import MODEL_DIR
-from engine_checks import LMINF_ORACLE_KWARGS, TINY_L, assert_close, prompt_logprobs, \
-    sampled_logprobs
+from engine_checks import (LMINF_ORACLE_KWARGS, TINY_L, assert_close, engine_core_in_process,
+                           prompt_logprobs, sampled_logprobs)
 from lminf_vllm.config import LMInfConfig
 from lminf_vllm.receptive_field import request_tail_start
 from oracle import Float64Llama
@@ -46,19 +45,12 @@ OUTPUT_TOKENS = 120
 
 @pytest.fixture(scope="module")
 def llm():
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with engine_core_in_process():
         engine = LLM(str(MODEL_DIR), attention_backend="lminf", dtype="float32",
                      max_model_len=PROMPT_TOKENS + OUTPUT_TOKENS + 64, max_num_seqs=4,
                      block_size=PAGE, gpu_memory_utilization=0.3, enforce_eager=True,
                      seed=0, num_gpu_blocks_override=PER_REQUEST + FILLER_PAGES,
                      additional_config={"lminf": {"n_global": N_GLOBAL}})
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

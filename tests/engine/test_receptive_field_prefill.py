@@ -11,13 +11,12 @@ scheduler's counters): the tiny model (6 layers, L = 256, B = 16, n_local = 256,
 chunk 256 tokens) with n_global = 37 (not page-aligned: G = 3) and n_global = 0.
 """
 
-import os
 
 import pytest
 from vllm import LLM, SamplingParams
 
 from conftest import MODEL_DIR
-from engine_checks import TINY_L, assert_close, sampled_logprobs
+from engine_checks import TINY_L, assert_close, engine_core_in_process, sampled_logprobs
 from lminf_vllm.config import LMInfConfig
 from lminf_vllm.receptive_field import request_tail_start
 
@@ -43,18 +42,11 @@ def shortest_skipping_prompt(n_global: int) -> int:
 
 @pytest.fixture(scope="module", params=[37, 0], ids=["n_global-37", "n_global-0"])
 def engine(request):
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with engine_core_in_process():
         llm = LLM(str(MODEL_DIR), attention_backend="lminf", dtype="float32",
                   max_model_len=MAX_MODEL_LEN, max_num_seqs=4, block_size=PAGE,
                   gpu_memory_utilization=0.3, enforce_eager=True, seed=0,
                   additional_config={"lminf": {"n_global": request.param}})
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield llm, request.param
     llm.llm_engine.engine_core.shutdown()
 

@@ -9,14 +9,13 @@ n_local = 128 and the default chunk cap n_local = 128, so R = ceil(255 / 16) + 1
 a request never holds more than G + R = 19 pages (304 tokens) however long it runs.
 """
 
-import os
 
 import numpy as np
 import pytest
 from vllm import LLM, SamplingParams
 
 from conftest import MODEL_DIR
-from engine_checks import assert_close, prompt_logprobs
+from engine_checks import assert_close, engine_core_in_process, prompt_logprobs
 from oracle import Float64Llama
 
 TINY_L = 256
@@ -32,19 +31,12 @@ LONG_OUTPUT = 32
 
 @pytest.fixture(scope="module")
 def llm():
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with engine_core_in_process():
         engine = LLM(str(MODEL_DIR), attention_backend="lminf", dtype="float32",
                      max_model_len=1_000_000, max_num_seqs=8, max_num_batched_tokens=512,
                      gpu_memory_utilization=0.3, enforce_eager=True, seed=0,
                      num_gpu_blocks_override=POOL_BLOCKS,
                      additional_config={"lminf": {"n_global": N_GLOBAL, "n_local": N_LOCAL}})
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield engine
 
 

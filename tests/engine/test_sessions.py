@@ -15,7 +15,6 @@ block pool), tiny model (L = 256, B = 16), n_global = 64, n_local = 256, so a st
 G + R = 4 + 33 = 37 pages; the pool holds POOL_BLOCKS.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -23,7 +22,8 @@ from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from conftest import MODEL_DIR
-from engine_checks import LMINF_ORACLE_KWARGS, TINY_L, assert_close, sampled_logprobs
+from engine_checks import (LMINF_ORACLE_KWARGS, assert_close, engine_core_in_process,
+                           sampled_logprobs)
 from lminf_vllm import sessions
 from oracle import Float64Llama
 
@@ -34,9 +34,7 @@ OUTPUT_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def llm():
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with engine_core_in_process():
         engine = LLM(str(MODEL_DIR), attention_backend="lminf", dtype="float32",
                      max_model_len=1_000_000, max_num_seqs=4, block_size=16,
                      gpu_memory_utilization=0.3, enforce_eager=True, seed=0,
@@ -44,11 +42,6 @@ def llm():
                      additional_config={"lminf": {"n_global": 64, "n_local": 256,
                                                   "continuation": True,
                                                   "stream_states": 8}})
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -15,14 +15,13 @@ built for one engine's page size or trained length and reused by another would m
 logprobs by far more than the tolerance (and C would see page-local positions).
 """
 
-import os
 
 import numpy as np
 import pytest
 from vllm import LLM, SamplingParams
 
 from conftest import MODEL_DIR
-from engine_checks import assert_close, prompt_logprobs
+from engine_checks import assert_close, engine_core_in_process, prompt_logprobs
 from oracle import Float64Llama
 from random_llama import random_llama
 
@@ -61,19 +60,12 @@ def prompts(val_tokens):
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, prompts):
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     second = random_llama(tmp_path_factory.mktemp("second-model"), **SECOND_MODEL)
-    try:
+    with engine_core_in_process():
         a = start(MODEL_DIR, **lminf(A))
         a_alone = logprobs_of(a, prompts["A"])
         b = start(second, **lminf(B))
         c = start(MODEL_DIR, max_model_len=A["L"])
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield {"A": a, "B": b, "C": c, "second": second, "a_alone": a_alone}
 
 
