@@ -16,6 +16,7 @@ saved after each length, so a run cut short keeps what it measured.
 
     python bench/bench_passkey.py                                   # 2K..16K, 5 depths, 2 keys
     python bench/bench_passkey.py --lengths 2048 4096 --keys 1      # quick look
+    python bench/bench_passkey.py --combine bench/results/*_passkey_*.json   # one table
 """
 
 import argparse
@@ -95,6 +96,37 @@ def print_table(table: dict, depths: list[float]) -> None:
                                                for d in depths))
 
 
+def combine(paths: list[Path], results_dir: Path) -> None:
+    """One accuracy table (JSON + PNG) from the cases of several saved runs."""
+    import json
+
+    from plots import plot_passkey
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    cases = [case for run in runs for case in run["cases"]]
+    sides = [s for s in ("lminf", "stock") if any(s in case for case in cases)]
+    table = accuracy_table(cases, sides)
+    depths = sorted({case["depth"] for case in cases})
+    keys = {side: {f"{length}/{depth:.0%}": n for (length, depth), n in
+                   _cell_counts([c for c in cases if side in c]).items()} for side in sides}
+    print_table(table, depths)
+    path = save("passkey_smollm2_combined",
+                {"sources": [{"file": p.name, "date": run["machine"]["date"],
+                              "settings": run["settings"], "seconds": run["seconds"]}
+                             for p, run in zip(paths, runs)],
+                 "accuracy": table, "keys_per_cell": keys, "cases": cases}, results_dir)
+    png = plot_passkey(path.with_suffix(".png"), table, [f"{d:.0%}" for d in depths],
+                       "SmolLM2-135M-Instruct passkey, fraction of keys")
+    print(f"saved {path}\nplot  {png}")
+
+
+def _cell_counts(cases: list[dict]) -> dict[tuple[int, float], int]:
+    counts = {}
+    for case in cases:
+        counts[case["length"], case["depth"]] = counts.get((case["length"], case["depth"]), 0) + 1
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -111,7 +143,13 @@ def main() -> None:
                         help="no torch.compile warm-up (minutes on a crowded 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="run nothing: pool the cases of these saved results (runs split "
+                             "by length, side or --seed) into one table, JSON + PNG")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.results_dir)
+        return
 
     import smollm2
     from transformers import AutoTokenizer
