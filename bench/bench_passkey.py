@@ -12,7 +12,7 @@ What LM-Infinite predicts (n_global 64, n_local = L = 8,192 unless --n-local): a
 global prefix or in the last n_local tokens is visible to the question's tokens; one in the
 evicted middle is not visible in the first layer, and only what earlier layers carried
 forward inside the window can reach the answer. Results are
-saved after each length, so a run cut short keeps what it measured.
+saved after each prompt, so a run cut short keeps what it measured.
 
     python bench/bench_passkey.py                                   # 2K..16K, 5 depths, 2 keys
     python bench/bench_passkey.py --lengths 2048 4096 --keys 1      # quick look
@@ -187,18 +187,22 @@ def main() -> None:
         for length in args.lengths:
             picked = [i for i, c in enumerate(cases) if c["length"] == length]
             print(f"{side}: {len(picked)} prompts of {length} tokens", flush=True)
-            seconds[f"{side}_{length}"] = run_side(
-                llm, side, [cases[i] for i in picked], [prompts[i] for i in picked])
-            table = accuracy_table(cases, args.sides)
-            path = save(name, {"settings": {**{k: str(v) if isinstance(v, Path) else v
-                                               for k, v in vars(args).items()},
-                                            "model_dir": checkpoint.name,
-                                            "lminf": {"n_global": 64, "trained_length": 8192,
-                                                      "n_local": args.n_local or 8192,
-                                                      "page_size": "auto (128)"},
-                                            "stock_rope_table": longest},
-                               "accuracy": table, "seconds": seconds, "cases": cases},
-                        args.results_dir)
+            seconds[f"{side}_{length}"] = 0.0
+            # One prompt at a time, saved after each: a run cut short keeps every reply it
+            # got. (Batching them gains little: chunked prefill runs one prompt's chunk
+            # per step at these lengths.)
+            for i in picked:
+                seconds[f"{side}_{length}"] += run_side(llm, side, [cases[i]], [prompts[i]])
+                table = accuracy_table(cases, args.sides)
+                path = save(name, {"settings": {**{k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in vars(args).items()},
+                                                "model_dir": checkpoint.name,
+                                                "lminf": {"n_global": 64, "trained_length": 8192,
+                                                          "n_local": args.n_local or 8192,
+                                                          "page_size": "auto (128)"},
+                                                "stock_rope_table": longest},
+                                   "accuracy": table, "seconds": seconds, "cases": cases},
+                            args.results_dir)
         shutdown(llm)
     print_table(accuracy_table(cases, args.sides), args.depths)
     for key, value in seconds.items():
