@@ -17,12 +17,9 @@ Models and text:
     python bench/bench_ppl_vs_position.py --length 16384 --windows 4       # tiny to 64 L
     python bench/bench_ppl_vs_position.py --model smollm2 --windows 2 --length 32768 \\
         --stock-length 16384
-    python bench/bench_ppl_vs_position.py --model smollm2 --windows 1 --length 32768 \
-        --stock-length 16384 --lminf-from bench/results/..._lminf.json   # stock side only
 """
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -116,10 +113,6 @@ def main() -> None:
                         help="prefill chunk: bounds the [chunk, vocab] prompt-logprob buffer")
     parser.add_argument("--eager", action="store_true",
                         help="no torch.compile warm-up (minutes on a crowded 2-core machine)")
-    parser.add_argument("--lminf-from", type=Path, default=None,
-                        help="take lminf's side from this saved result (same model, windows "
-                             "and length) and score only the stock side: a run whose stock "
-                             "side is cut short reruns that side with a shorter --stock-length")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     stock_length = min(args.stock_length or args.length, args.length)
@@ -139,24 +132,12 @@ def main() -> None:
                   [p[:stock_length] for p in prompts]),
     }
     table, seconds, in_window = {}, {}, {}
-    if args.lminf_from:
-        previous = json.loads(args.lminf_from.read_text())
-        for key in ("model", "windows", "length"):
-            if previous["settings"][key] != getattr(args, key):
-                raise SystemExit(f"--lminf-from {args.lminf_from}: its {key} is "
-                                 f"{previous['settings'][key]}, not {getattr(args, key)}")
-        table["lminf"] = previous["perplexity"]["lminf"]
-        in_window["lminf"] = previous["in_window_perplexity"]["lminf"]
-        seconds["lminf"] = previous["scoring_seconds"]["lminf"]
-        del runs["lminf"]
     name = f"ppl_vs_position_{args.model}_{args.windows}x{args.length}"
     settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "model_dir": Path(model).name, "text": text,
                 "num_text_tokens": int(len(tokens)), "trained_length": trained_length,
                 "lminf": "defaults: n_global 64, n_local L, page size auto",
-                "stock_rope_table": stock_length + 1,
-                "lminf_side_measured": (f"{args.lminf_from.name} ({previous['machine']['date']})"
-                                        if args.lminf_from else "this run")}
+                "stock_rope_table": stock_length + 1}
     for side, (kwargs, side_prompts) in runs.items():
         print(f"scoring {args.windows} x {len(side_prompts[0])} tokens with {side}", flush=True)
         logprobs, seconds[side] = score(kwargs, side_prompts)
