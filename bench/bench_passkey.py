@@ -12,10 +12,11 @@ What LM-Infinite predicts (n_global 64, n_local = L = 8,192 unless --n-local): a
 global prefix or in the last n_local tokens is visible to the question's tokens; one in the
 evicted middle is not visible in the first layer, and only what earlier layers carried
 forward inside the window can reach the answer. Results are
-saved after each length, so a run cut short keeps what it measured.
+saved after each prompt, so a run cut short keeps what it measured.
 
     python bench/bench_passkey.py                                   # 2K..16K, 5 depths, 2 keys
     python bench/bench_passkey.py --lengths 2048 4096 --keys 1      # quick look
+    python bench/bench_passkey.py --combine bench/results/*_passkey_*.json   # one table
 """
 
 import argparse
@@ -95,6 +96,37 @@ def print_table(table: dict, depths: list[float]) -> None:
                                                for d in depths))
 
 
+def combine(paths: list[Path], results_dir: Path) -> None:
+    """One accuracy table (JSON + PNG) from the cases of several saved runs."""
+    import json
+
+    from plots import plot_passkey
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    cases = [case for run in runs for case in run["cases"]]
+    sides = [s for s in ("lminf", "stock") if any(s in case for case in cases)]
+    table = accuracy_table(cases, sides)
+    depths = sorted({case["depth"] for case in cases})
+    keys = {side: {f"{length}/{depth:.0%}": n for (length, depth), n in
+                   _cell_counts([c for c in cases if side in c]).items()} for side in sides}
+    print_table(table, depths)
+    path = save("passkey_smollm2_combined",
+                {"sources": [{"file": p.name, "date": run["machine"]["date"],
+                              "settings": run["settings"], "seconds": run["seconds"]}
+                             for p, run in zip(paths, runs)],
+                 "accuracy": table, "keys_per_cell": keys, "cases": cases}, results_dir)
+    png = plot_passkey(path.with_suffix(".png"), table, [f"{d:.0%}" for d in depths],
+                       "SmolLM2-135M-Instruct passkey, fraction of keys")
+    print(f"saved {path}\nplot  {png}")
+
+
+def _cell_counts(cases: list[dict]) -> dict[tuple[int, float], int]:
+    counts = {}
+    for case in cases:
+        counts[case["length"], case["depth"]] = counts.get((case["length"], case["depth"]), 0) + 1
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -111,7 +143,13 @@ def main() -> None:
                         help="no torch.compile warm-up (minutes on a crowded 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="run nothing: pool the cases of these saved results (runs split "
+                             "by length, side or --seed) into one table, JSON + PNG")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.results_dir)
+        return
 
     import smollm2
     from transformers import AutoTokenizer
@@ -149,18 +187,22 @@ def main() -> None:
         for length in args.lengths:
             picked = [i for i, c in enumerate(cases) if c["length"] == length]
             print(f"{side}: {len(picked)} prompts of {length} tokens", flush=True)
-            seconds[f"{side}_{length}"] = run_side(
-                llm, side, [cases[i] for i in picked], [prompts[i] for i in picked])
-            table = accuracy_table(cases, args.sides)
-            path = save(name, {"settings": {**{k: str(v) if isinstance(v, Path) else v
-                                               for k, v in vars(args).items()},
-                                            "model_dir": checkpoint.name,
-                                            "lminf": {"n_global": 64, "trained_length": 8192,
-                                                      "n_local": args.n_local or 8192,
-                                                      "page_size": "auto (128)"},
-                                            "stock_rope_table": longest},
-                               "accuracy": table, "seconds": seconds, "cases": cases},
-                        args.results_dir)
+            seconds[f"{side}_{length}"] = 0.0
+            # One prompt at a time, saved after each: a run cut short keeps every reply it
+            # got. (Batching them gains little: chunked prefill runs one prompt's chunk
+            # per step at these lengths.)
+            for i in picked:
+                seconds[f"{side}_{length}"] += run_side(llm, side, [cases[i]], [prompts[i]])
+                table = accuracy_table(cases, args.sides)
+                path = save(name, {"settings": {**{k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in vars(args).items()},
+                                                "model_dir": checkpoint.name,
+                                                "lminf": {"n_global": 64, "trained_length": 8192,
+                                                          "n_local": args.n_local or 8192,
+                                                          "page_size": "auto (128)"},
+                                                "stock_rope_table": longest},
+                                   "accuracy": table, "seconds": seconds, "cases": cases},
+                            args.results_dir)
         shutdown(llm)
     print_table(accuracy_table(cases, args.sides), args.depths)
     for key, value in seconds.items():

@@ -132,11 +132,21 @@ def main() -> None:
                   [p[:stock_length] for p in prompts]),
     }
     table, seconds, in_window = {}, {}, {}
-    for name, (kwargs, side_prompts) in runs.items():
-        print(f"scoring {args.windows} x {len(side_prompts[0])} tokens with {name}", flush=True)
-        logprobs, seconds[name] = score(kwargs, side_prompts)
-        table[name] = segment_perplexity(logprobs, segments)
-        in_window[name] = segment_perplexity(logprobs, [(0, trained_length)])
+    name = f"ppl_vs_position_{args.model}_{args.windows}x{args.length}"
+    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "model_dir": Path(model).name, "text": text,
+                "num_text_tokens": int(len(tokens)), "trained_length": trained_length,
+                "lminf": "defaults: n_global 64, n_local L, page size auto",
+                "stock_rope_table": stock_length + 1}
+    for side, (kwargs, side_prompts) in runs.items():
+        print(f"scoring {args.windows} x {len(side_prompts[0])} tokens with {side}", flush=True)
+        logprobs, seconds[side] = score(kwargs, side_prompts)
+        table[side] = segment_perplexity(logprobs, segments)
+        in_window[side] = segment_perplexity(logprobs, [(0, trained_length)])
+        # Saved after each side: a stock run that dies past L keeps lminf's measurement.
+        save(name, {"settings": settings, "perplexity": table,
+                    "in_window_perplexity": in_window, "scoring_seconds": seconds},
+             args.results_dir)
 
     # The in-window level: every prediction made inside the trained length, pooled.
     level = in_window["lminf"][f"0-{trained_length}"]
@@ -152,18 +162,13 @@ def main() -> None:
     beyond = [r for (a, _), r in zip(segments, ratios.values()) if a >= trained_length]
     print(f"past L, lminf / its in-window level ranges over [{min(beyond):.3f}, "
           f"{max(beyond):.3f}] (goal: within 10%)")
-    for name in seconds:
-        scored = args.windows * (args.length if name == "lminf" else stock_length)
-        print(f"{name}: {scored} tokens scored in {seconds[name]:.0f} s "
-              f"({scored / seconds[name]:.0f} tokens/s)")
+    for side in seconds:
+        scored = args.windows * (args.length if side == "lminf" else stock_length)
+        print(f"{side}: {scored} tokens scored in {seconds[side]:.0f} s "
+              f"({scored / seconds[side]:.0f} tokens/s)")
 
-    name = f"ppl_vs_position_{args.model}_{args.windows}x{args.length}"
     result = {
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "model_dir": Path(model).name, "text": text,
-                     "num_text_tokens": int(len(tokens)), "trained_length": trained_length,
-                     "lminf": "defaults: n_global 64, n_local L, page size auto",
-                     "stock_rope_table": stock_length + 1},
+        "settings": settings,
         "perplexity": table, "in_window_perplexity": in_window,
         "lminf_ratio_to_in_window": ratios,
         "scoring_seconds": seconds,

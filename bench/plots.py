@@ -35,3 +35,42 @@ def plot_segments(path: Path, table: dict[str, dict[str, float]], trained_length
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_passkey(path: Path, table: dict[str, dict[str, dict[str, float]]],
+                 depths: list[str], title: str) -> Path:
+    """Fraction of keys retrieved, one panel per backend: lengths down, depths across.
+
+    table: backend -> length -> depth label ("25%") -> fraction; a cell not measured is
+    left blank (grey), not drawn as 0.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = sorted({int(n) for side in table.values() for n in side})
+    fig, axes = plt.subplots(1, len(table), figsize=(3.6 * len(table), 0.6 * len(lengths) + 1.6),
+                             squeeze=False)
+    for ax, (backend, rows) in zip(axes[0], table.items()):
+        grid = np.full((len(lengths), len(depths)), np.nan)
+        for i, n in enumerate(lengths):
+            for j, d in enumerate(depths):
+                grid[i, j] = rows.get(str(n), {}).get(d, np.nan)
+        ax.set_facecolor("0.85")
+        ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center")
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_yticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+        ax.set_xlabel("key depth")
+        ax.set_ylabel("prompt tokens")
+        ax.set_title(backend)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
