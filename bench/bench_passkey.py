@@ -102,7 +102,10 @@ def combine(paths: list[Path], results_dir: Path) -> None:
 
     from plots import plot_passkey
 
-    runs = [json.loads(p.read_text()) for p in paths]
+    # a combined table among the inputs (a glob over the results) is an earlier output
+    loaded = [(p, json.loads(p.read_text())) for p in paths]
+    paths, runs = [p for p, run in loaded if "sources" not in run], [
+        run for _, run in loaded if "sources" not in run]
     cases = [case for run in runs for case in run["cases"]]
     sides = [s for s in ("lminf", "stock") if any(s in case for case in cases)]
     table = accuracy_table(cases, sides)
@@ -114,7 +117,8 @@ def combine(paths: list[Path], results_dir: Path) -> None:
                 {"sources": [{"file": p.name, "date": run["machine"]["date"],
                               "settings": run["settings"], "seconds": run["seconds"]}
                              for p, run in zip(paths, runs)],
-                 "accuracy": table, "keys_per_cell": keys, "cases": cases}, results_dir)
+                 "accuracy": table, "keys_per_cell": keys, "cases": cases}, results_dir,
+                replace=True)
     png = plot_passkey(path.with_suffix(".png"), table, [f"{d:.0%}" for d in depths],
                        "SmolLM2-135M-Instruct passkey, fraction of keys")
     print(f"saved {path}\nplot  {png}")

@@ -45,14 +45,27 @@ def machine() -> dict:
     }
 
 
-def save(name: str, result: dict, results_dir: Path = RESULTS) -> Path:
+# (results_dir, name) -> the file this process saves that result to: a bench that saves after
+# every point rewrites its own file, a second run gets a new one.
+_SAVED_THIS_RUN: dict[tuple[Path, str], Path] = {}
+
+
+def save(name: str, result: dict, results_dir: Path = RESULTS, replace: bool = False) -> Path:
+    """Write a result as results_dir/<day>_cpu_<name>.json; a second run the same day writes
+    <name>_run2 and so on (its first run's numbers stay), unless `replace` (a result derived
+    from others, recomputed in full)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     day = datetime.date.today().isoformat()
-    path = results_dir / f"{day}_cpu_{name}.json"
-    run = 2
-    while path.exists():  # a second run the same day keeps the first one's numbers
-        path = results_dir / f"{day}_cpu_{name}_run{run}.json"
-        run += 1
+    path = _SAVED_THIS_RUN.get((results_dir, name))
+    if path is None and replace:
+        path = results_dir / f"{day}_cpu_{name}.json"
+    if path is None:
+        path = results_dir / f"{day}_cpu_{name}.json"
+        run = 2
+        while path.exists():
+            path = results_dir / f"{day}_cpu_{name}_run{run}.json"
+            run += 1
+        _SAVED_THIS_RUN[(results_dir, name)] = path
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2))
     return path
 
