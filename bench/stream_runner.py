@@ -461,6 +461,14 @@ def device_time_or_error(run, repeats: int):
         return f"capture failed: {e!r}"[:300]
 
 
+def random_tokens(model: Llama, seed: int):
+    """tokens(n): n random token ids of the model's vocabulary on its device, drawn from one
+    seeded generator (so a run's prompts repeat run to run)."""
+    vocab = model.w["embed_tokens.weight"].shape[0]
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    return lambda n: torch.randint(0, vocab, (n,), generator=g, device=model.device)
+
+
 def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int,
                       decode_steps: int, seed: int, log):
     """Prefill and decode tokens/s of the Λ path at a stream position.
@@ -471,10 +479,7 @@ def throughput_lambda(cache: LambdaCache, position: int, chunk: int, chunks: int
     included), then `decode_steps` graph-replayed decode steps after them (plan refreshed
     per step), and the same graph replayed alone.
     """
-    device = cache.model.device
-    vocab = cache.model.w["embed_tokens.weight"].shape[0]
-    g = torch.Generator(device=device).manual_seed(seed)
-    tokens = lambda n: torch.randint(0, vocab, (n,), generator=g, device=device)  # noqa: E731
+    tokens = random_tokens(cache.model, seed)
     starts = [0] + list(range(max(chunk, position - 2 * cache.config.n_local), position, chunk))
     for start in starts:
         cache.forward(tokens(min(chunk, position - start)), start, last_only=True)
@@ -513,15 +518,13 @@ def throughput_dense(dense: DenseCache, chunk: int, chunks: int, decode_steps: i
     model = dense.model
     device = model.device
     length = model.trained_length
-    vocab = model.w["embed_tokens.weight"].shape[0]
-    g = torch.Generator(device=device).manual_seed(seed)
-    prompt = [torch.randint(0, vocab, (length,), generator=g, device=device)
-              for _ in range(chunks)]
+    tokens = random_tokens(model, seed)
+    prompt = [tokens(length) for _ in range(chunks)]
     positions = torch.arange(length, device=device)
     dense.forward(prompt[0], positions, last_only=True)  # warm-up
     prefill_s = timed(lambda i: dense.forward(prompt[i], positions, last_only=True), chunks)
     graph = DecodeGraph(dense, length - 1, prompt[0][:1])
-    ids = torch.randint(0, vocab, (decode_steps,), generator=g, device=device)
+    ids = tokens(decode_steps)
     decode_s = timed(lambda i: graph.step(length - 1, ids[i:i + 1]), decode_steps)
     replay_s = timed(lambda i: graph.graph.replay(), decode_steps)
     del graph
@@ -544,10 +547,8 @@ def model_without_attention(model: Llama, chunks: int, seed: int, log) -> dict:
     time minus this."""
     device = model.device
     length = model.trained_length
-    vocab = model.w["embed_tokens.weight"].shape[0]
-    g = torch.Generator(device=device).manual_seed(seed)
-    prompt = [torch.randint(0, vocab, (length,), generator=g, device=device)
-              for _ in range(chunks)]
+    tokens = random_tokens(model, seed)
+    prompt = [tokens(length) for _ in range(chunks)]
     frame = torch.arange(length, device=device) % PAGE_SIZE
     skip = lambda layer, q, k, v: q  # noqa: E731
     model.forward(prompt[0], frame, skip, last_only=True)  # warm-up
