@@ -294,3 +294,9 @@ def register_spec() -> None:
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(LMInfSpec, LMInfManager,
                                  uniform_type_base_spec=FullAttentionSpec)
+
+
+def lminf_managers(kv_cache_manager) -> list[LMInfManager]:
+    """The LMInfManagers of a scheduler's KVCacheManager, one per lminf KV cache group."""
+    return [manager for manager in kv_cache_manager.coordinator.single_type_managers
+            if isinstance(manager, LMInfManager)]

@@ -112,7 +112,7 @@ def is_replaying(request) -> bool:
 def _install() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from lminf_vllm.kv_cache import LMInfManager
+    from lminf_vllm.kv_cache import lminf_managers
     from lminf_vllm.log import get_logger
 
     logger = get_logger(__name__)
@@ -127,9 +127,7 @@ def _install() -> None:
         update_after_schedule(self, scheduler_output, *args, **kwargs)
         if config is None:
             return
-        managers = [manager
-                    for manager in self.kv_cache_manager.coordinator.single_type_managers
-                    if isinstance(manager, LMInfManager)]
+        managers = lminf_managers(self.kv_cache_manager)
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             request = self.requests[req_id]
             resumed = req_id in replaying

@@ -48,11 +48,10 @@ def ring_counters_of(kv_cache_manager) -> dict[str, int] | None:
     from dataclasses import asdict
 
     from lminf_vllm import metrics, sessions
-    from lminf_vllm.kv_cache import LMInfManager
+    from lminf_vllm.kv_cache import lminf_managers
 
     counters = metrics.combine(manager.counters
-                               for manager in kv_cache_manager.coordinator.single_type_managers
-                               if isinstance(manager, LMInfManager))
+                               for manager in lminf_managers(kv_cache_manager))
     if counters is not None:
         store = sessions.store_of(kv_cache_manager)
         counters.update(asdict(store.counters if store is not None

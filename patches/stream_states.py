@@ -50,17 +50,11 @@ REFUSED_ATTR = "_lminf_refused_session_requests"
 FINISHED_OK = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
 
 
-def lminf_managers(kv_cache_manager) -> list:
-    from lminf_vllm.kv_cache import LMInfManager
-
-    return [m for m in kv_cache_manager.coordinator.single_type_managers
-            if isinstance(m, LMInfManager)]
-
-
 def store_for(scheduler, logger):
     """The scheduler's StreamStore, built on first use; None for an engine that keeps no
     stream states."""
     from lminf_vllm import sessions
+    from lminf_vllm.kv_cache import lminf_managers
 
     manager = scheduler.kv_cache_manager
     if hasattr(manager, sessions.STORE_ATTR):
@@ -113,6 +107,7 @@ def _install() -> None:
     from vllm.v1.request import RequestStatus
 
     from lminf_vllm import sessions
+    from lminf_vllm.kv_cache import lminf_managers
     from lminf_vllm.log import get_logger
 
     logger = get_logger(__name__)
