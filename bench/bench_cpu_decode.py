@@ -19,13 +19,14 @@ table past the trained length. Two timers, both vLLM's:
 model's vocabulary of 8,192.)
 
     python bench/bench_cpu_decode.py                      # contexts L/4 .. 64L, tiny model
-    python bench/bench_cpu_decode.py --contexts 256 4096 --timers serve
+    python bench/bench_cpu_decode.py --contexts 256 4096 --timers serve --repeats 3
 """
 
 import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,29 +123,39 @@ def serve_sweep(args, workdir: Path, bar) -> list[dict]:
             args.model, [*engine_args(backend, longest, args), *budget],
             workdir / f"server_{backend}.log", bench_env(longest), startup_seconds=1800))
             for backend in BACKENDS}
-        for context in args.contexts:
-            for backend in BACKENDS:
-                bar.set_description(f"serve {backend} {context}")
-                points.append({"timer": "serve", "backend": backend, "context": context,
-                               **serve_point(servers[backend], context, args, workdir)})
-                bar.update()
+        for context, repeat, backend in sweep_order(args):
+            bar.set_description(f"serve {backend} {context}")
+            points.append({"timer": "serve", "backend": backend, "context": context,
+                           "repeat": repeat,
+                           **serve_point(servers[backend], context, args, workdir)})
+            bar.update()
     return points
 
 
 def throughput_sweep(args, workdir: Path, bar) -> list[dict]:
     points = []
-    for context in args.contexts:
-        for backend in BACKENDS:
-            bar.set_description(f"throughput {backend} {context}")
-            points.append({"timer": "throughput", "backend": backend, "context": context,
-                           **throughput_point(backend, context, args, workdir)})
-            bar.update()
+    for context, repeat, backend in sweep_order(args):
+        bar.set_description(f"throughput {backend} {context}")
+        points.append({"timer": "throughput", "backend": backend, "context": context,
+                       "repeat": repeat, **throughput_point(backend, context, args, workdir)})
+        bar.update()
     return points
 
 
+def sweep_order(args):
+    """(context, repeat, backend): the backends alternate within each repeat, so each pair
+    of runs compared ran under the same load."""
+    for context in args.contexts:
+        for repeat in range(args.repeats):
+            for backend in BACKENDS:
+                yield context, repeat, backend
+
+
 def rate(points: list[dict], timer: str, backend: str, context: int) -> float:
-    return next(p["decode_tokens_per_second"] for p in points
-                if (p["timer"], p["backend"], p["context"]) == (timer, backend, context))
+    """The median over repeats of one point's decode tokens/s."""
+    return statistics.median(p["decode_tokens_per_second"] for p in points
+                             if (p["timer"], p["backend"], p["context"]) ==
+                             (timer, backend, context))
 
 
 def plot(points: list[dict], timers: list[str], args, path: Path) -> None:
@@ -174,6 +185,8 @@ def main() -> None:
                         default=[TRAINED_LENGTH * f // 4 for f in (1, 4, 16, 64, 256)])
     parser.add_argument("--timers", nargs="+", choices=("serve", "throughput"),
                         default=["serve", "throughput"])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per point and backend, alternating; the median is reported")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
@@ -183,7 +196,8 @@ def main() -> None:
     sweeps = {"serve": serve_sweep, "throughput": throughput_sweep}
     points = []
     with tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=2 * len(args.contexts) * len(args.timers), unit="point") as bar:
+            tqdm(total=2 * len(args.contexts) * len(args.timers) * args.repeats,
+                 unit="run") as bar:
         for timer in args.timers:
             points += sweeps[timer](args, Path(tmp), bar)
     print(f"\n{'timer':>10} {'context':>8} {'lminf tok/s':>12} {'stock tok/s':>12} "
