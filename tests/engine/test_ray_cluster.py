@@ -205,6 +205,8 @@ def test_cluster_shuts_down_cleanly(cluster, job):
     assert len(before) > len(node_pids), "found no worker process of the cluster"
     ray.shutdown()
     cluster.shutdown()
-    gone, alive = psutil.wait_procs(before, timeout=60)
+    # a leaked process never exits; a loaded machine (CI beside benchmarks) has taken over
+    # 60 s to reap an engine's worker, so the wait is generous
+    gone, alive = psutil.wait_procs(before, timeout=240)
     assert not alive, f"still running after shutdown: {[(p.pid, p.name()) for p in alive]}"
     assert not cluster_processes(node_pids), "processes of the cluster started after shutdown"
