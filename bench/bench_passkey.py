@@ -76,7 +76,7 @@ def accuracy_table(cases: list[dict], sides: list[str]) -> dict:
     """side -> length -> depth -> fraction correct."""
     table = {}
     for side in sides:
-        for case in cases:
+        for case in sorted(cases, key=lambda case: case["length"]):  # rows by length
             if side not in case:
                 continue
             cell = table.setdefault(side, {}).setdefault(str(case["length"]), {}) \
