@@ -6,6 +6,13 @@ past the cos/sin table and returns NaN, which would hide the real failure (dense
 past L). The stock side may score a shorter prefix of each window (--stock-length): its
 segments then stop there ("as far as it runs").
 
+A segment's perplexity is also a property of its text: with few windows, one hard stretch
+moves a segment by tens of percent. --control adds a third side that separates the two:
+the stock backend inside its trained length, every prediction made with between L/2 and L
+tokens of context (each window cut into pieces of L/2 targets, each scored after the L/2
+tokens before it). It is what the model does on the same tokens without ever leaving its
+trained length, so lminf / control per segment is what the method itself costs there.
+
 Models and text:
   tiny     tests/assets/tiny-llama-L256 (L = 256) on held-out text it never saw
            (shared/data/val.npy: Debian documentation, see the model's README)
@@ -14,7 +21,8 @@ Models and text:
            2.0 .. 3.11 of the Debian package python3.11-doc, concatenated in version order
 
     python bench/bench_ppl_vs_position.py                                  # tiny, 16 x 4,096
-    python bench/bench_ppl_vs_position.py --length 16384 --windows 4       # tiny to 64 L
+    python bench/bench_ppl_vs_position.py --length 16384 --windows 9 --stock-length 4096 \
+        --control                                                          # tiny to 64 L
     python bench/bench_ppl_vs_position.py --model smollm2 --windows 2 --length 32768 \\
         --stock-length 16384
 """
@@ -77,8 +85,9 @@ def window_starts(num_tokens: int, length: int, windows: int) -> list[int]:
     return [i * stride for i in range(windows)]
 
 
-def score(engine_kwargs: dict, prompts: list[list[int]]) -> tuple[np.ndarray, float]:
-    """[windows, length - 1] prompt logprobs, and the seconds the scoring took."""
+def score(engine_kwargs: dict, prompts: list[list[int]]) -> tuple[list[np.ndarray], float]:
+    """Each prompt's prompt logprobs (len(prompt) - 1 of them), and the seconds the scoring
+    took."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs)
@@ -87,9 +96,28 @@ def score(engine_kwargs: dict, prompts: list[list[int]]) -> tuple[np.ndarray, fl
                         SamplingParams(max_tokens=1, prompt_logprobs=0))
     seconds = time.perf_counter() - start
     shutdown(llm)
-    logprobs = np.array([[row[t].logprob for row, t in zip(o.prompt_logprobs[1:],
-                                                           o.prompt_token_ids[1:])]
-                         for o in outs])
+    logprobs = [np.array([row[t].logprob for row, t in zip(o.prompt_logprobs[1:],
+                                                            o.prompt_token_ids[1:])])
+                for o in outs]
+    return logprobs, seconds
+
+
+def control_logprobs(engine_kwargs: dict, prompts: list[list[int]],
+                     trained_length: int) -> tuple[np.ndarray, float]:
+    """[windows, length - 1] logprobs like score()'s, each prediction made with at most L
+    tokens of context: targets [s, s + L/2) come from a piece that starts L/2 before s."""
+    half, length = trained_length // 2, len(prompts[0])
+    pieces, where = [], []
+    for window, prompt in enumerate(prompts):
+        for first in range(0, length - 1, half):
+            start, stop = max(0, first - half), min(first + half, length - 1)
+            pieces.append(prompt[start:stop + 1])
+            where.append((window, first, start, stop))
+    rows, seconds = score(engine_kwargs, pieces)
+    logprobs = np.empty((len(prompts), length - 1))
+    for (window, first, start, stop), row in zip(where, rows):
+        # row[k] is the prediction made at window position start + k
+        logprobs[window, first:stop] = row[first - start:stop - start]
     return logprobs, seconds
 
 
@@ -113,6 +141,9 @@ def main() -> None:
                         help="prefill chunk: bounds the [chunk, vocab] prompt-logprob buffer")
     parser.add_argument("--eager", action="store_true",
                         help="no torch.compile warm-up (minutes on a crowded 2-core machine)")
+    parser.add_argument("--control", action="store_true",
+                        help="also score every token with at most L tokens of context "
+                             "(stock, inside its trained length): the text's own difficulty")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     stock_length = min(args.stock_length or args.length, args.length)
@@ -131,6 +162,11 @@ def main() -> None:
                        hf_overrides={"max_position_embeddings": stock_length + 1}),
                   [p[:stock_length] for p in prompts]),
     }
+    if args.control:
+        # the last piece token sits at position L; its own prediction is never used
+        runs["control"] = (dict(common, max_model_len=trained_length + 1, max_num_seqs=16,
+                                hf_overrides={"max_position_embeddings": trained_length + 1}),
+                           prompts)
     table, seconds, in_window = {}, {}, {}
     name = f"ppl_vs_position_{args.model}_{args.windows}x{args.length}"
     settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -140,7 +176,11 @@ def main() -> None:
                 "stock_rope_table": stock_length + 1}
     for side, (kwargs, side_prompts) in runs.items():
         print(f"scoring {args.windows} x {len(side_prompts[0])} tokens with {side}", flush=True)
-        logprobs, seconds[side] = score(kwargs, side_prompts)
+        if side == "control":
+            logprobs, seconds[side] = control_logprobs(kwargs, side_prompts, trained_length)
+        else:
+            rows, seconds[side] = score(kwargs, side_prompts)
+            logprobs = np.stack(rows)
         table[side] = segment_perplexity(logprobs, segments)
         in_window[side] = segment_perplexity(logprobs, [(0, trained_length)])
         # Saved after each side: a stock run that dies past L keeps lminf's measurement.
@@ -151,26 +191,32 @@ def main() -> None:
     # The in-window level: every prediction made inside the trained length, pooled.
     level = in_window["lminf"][f"0-{trained_length}"]
     ratios = {s: table["lminf"][s] / level for s in table["lminf"]}
+    control_ratios = ({s: table["lminf"][s] / table["control"][s] for s in table["lminf"]}
+                      if "control" in table else {})
     print(f"\nPerplexity by position, {args.windows} windows x {args.length} tokens of {text}, "
           f"{Path(model).name} (L = {trained_length}), {machine()['cpu']}")
-    print(f"{'segment':>13} {'lminf':>9} {'stock':>9}   lminf / its 0-{trained_length} "
-          f"({level:.2f})")
+    print(f"{'segment':>13} {'lminf':>9} {'stock':>9} {'control':>9}   lminf / its "
+          f"0-{trained_length} ({level:.2f})   lminf / control")
     for segment in table["lminf"]:
         stock = table["stock"].get(segment, float("nan"))
-        print(f"{segment:>13} {table['lminf'][segment]:9.2f} {stock:9.2f}"
-              f"   {ratios[segment]:8.3f}")
-    beyond = [r for (a, _), r in zip(segments, ratios.values()) if a >= trained_length]
-    print(f"past L, lminf / its in-window level ranges over [{min(beyond):.3f}, "
-          f"{max(beyond):.3f}] (goal: within 10%)")
+        control = table.get("control", {}).get(segment, float("nan"))
+        print(f"{segment:>13} {table['lminf'][segment]:9.2f} {stock:9.2f} {control:9.2f}"
+              f"   {ratios[segment]:8.3f}   {control_ratios.get(segment, float('nan')):8.3f}")
+    for label, values in (("its in-window level", ratios), ("the control", control_ratios)):
+        beyond = [values[f"{a}-{b}"] for a, b in segments
+                  if a >= trained_length and f"{a}-{b}" in values]
+        if beyond:
+            print(f"past L, lminf / {label} ranges over [{min(beyond):.3f}, "
+                  f"{max(beyond):.3f}] (goal: within 10%)")
     for side in seconds:
-        scored = args.windows * (args.length if side == "lminf" else stock_length)
+        scored = args.windows * (stock_length if side == "stock" else args.length)
         print(f"{side}: {scored} tokens scored in {seconds[side]:.0f} s "
               f"({scored / seconds[side]:.0f} tokens/s)")
 
     result = {
         "settings": settings,
         "perplexity": table, "in_window_perplexity": in_window,
-        "lminf_ratio_to_in_window": ratios,
+        "lminf_ratio_to_in_window": ratios, "lminf_ratio_to_control": control_ratios,
         "scoring_seconds": seconds,
     }
     path = save(name, result, args.results_dir)
