@@ -163,9 +163,10 @@ def main() -> None:
                   [p[:stock_length] for p in prompts]),
     }
     if args.control:
-        # the last piece token sits at position L; its own prediction is never used
-        runs["control"] = (dict(common, max_model_len=trained_length + 1, max_num_seqs=16,
-                                hf_overrides={"max_position_embeddings": trained_length + 1}),
+        # a piece's last token sits at position L and the one sampled token at L + 1;
+        # neither's prediction is used
+        runs["control"] = (dict(common, max_model_len=trained_length + 2, max_num_seqs=16,
+                                hf_overrides={"max_position_embeddings": trained_length + 2}),
                            prompts)
     table, seconds, in_window = {}, {}, {}
     name = f"ppl_vs_position_{args.model}_{args.windows}x{args.length}"
