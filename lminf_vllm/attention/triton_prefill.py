@@ -75,7 +75,8 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
-                          far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0)
+                          far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0,
+                          pack_heads=1, far_dense=0, prologue=0)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
@@ -87,16 +88,18 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=32, edge_stages=2, general_block_n=32,
                                      general_stages=1, far_block_n=64, turn_pages=1,
-                                     merge_capped=1, causal_loop=1)
+                                     merge_capped=1, causal_loop=1, pack_heads=1, far_dense=0, prologue=0)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
-                           far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0)
+                           far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0,
+                           pack_heads=1, far_dense=0, prologue=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
-                      far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0)
+                      far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0,
+                      pack_heads=1, far_dense=0, prologue=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -114,15 +117,16 @@ def angles_needed(config, tile_queries: int) -> int:
 
 @triton.jit
 def turn_pages_kernel(
-    kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr,
+    kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr, n_global_ptr,
     keys_ptr,                        # out: [N, Hkv, P * B, KEY_DIM], turned by b_p - a
     values_ptr,                      # out: [N, Hkv, P * B, HEAD_DIM_PAD]
     stride_kb, stride_kh, stride_ks, stride_table, stride_pos_n, stride_page_n,
     stride_kn, stride_kkh, stride_vn, stride_vh,
-    num_queries, num_pages, copy_pages, max_angle,
+    num_queries, num_pages, copy_pages, max_angle, trained_length,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     KEY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, PAGES: tl.constexpr,
+    FAR_DENSE: tl.constexpr,
 ):
     n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -134,6 +138,14 @@ def turn_pages_kernel(
     page = page_lo + tl.arange(0, PAGES)
     base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
     angle = tl.minimum(tl.maximum(base - anchor, -max_angle), max_angle).to(tl.int32)
+    if FAR_DENSE:
+        # global pages every query of the tile sees past L: copied as stored (angle 0), the
+        # capped product's keys (lambda_prefill_kernel's far_global_keys, same bound)
+        n_global = tl.load(n_global_ptr + n)
+        global_pages = tl.cdiv(tl.minimum(n_global, t_last + 1), PAGE_SIZE)
+        far_pages = tl.where(t_first > trained_length,
+                             (t_first - trained_length - 1) // PAGE_SIZE + 1, 0)
+        angle = tl.where(page < tl.minimum(far_pages, global_pages), 0, angle)
     cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
     cos = per_key(cos, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
     sin = per_key(sin, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
@@ -173,7 +185,7 @@ def load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
     """Rows' query features of one head: the two members of each rotation pair (float32)
     and the passthrough features (input dtype; zeros when PASS == 0, unused then)."""
     first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
+    q_base = q_ptr + (q_row.to(tl.int64) * stride_qt + head * stride_qh)[:, None]
     q_mask = row_ok[:, None] & half_ok[None, :]
     q1 = tl.load(q_base + first[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_base + second[None, :], mask=q_mask, other=0.0).to(tl.float32)
@@ -197,6 +209,22 @@ def load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_pt
     cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
     t1, t2 = rotate(q1 * scale_log2, q2 * scale_log2, cos, sin)
     return t1.to(qp.dtype), t2.to(qp.dtype)
+
+
+@triton.jit
+def turn_rows(q1, q2, table_ptr, stride_table, angle, dtype: tl.constexpr,
+              HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+              PACK: tl.constexpr):
+    """Query halves (float32, scale folded in) turned by `angle`, one per query (each
+    repeated for its PACK rows), in dtype."""
+    cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
+    if PACK > 1:
+        cos = tl.reshape(tl.broadcast_to(cos[:, None, :], (BLOCK_M // PACK, PACK, HALF_PAD)),
+                         (BLOCK_M, HALF_PAD))
+        sin = tl.reshape(tl.broadcast_to(sin[:, None, :], (BLOCK_M // PACK, PACK, HALF_PAD)),
+                         (BLOCK_M, HALF_PAD))
+    t1, t2 = rotate(q1, q2, cos, sin)
+    return t1.to(dtype), t2.to(dtype)
 
 
 @triton.jit
@@ -329,6 +357,21 @@ def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, value
     s = stored_logits(qc1, qc2, qp, kv_ptr, block_ptr, n, kv_head, j, key_ok,
                       stride_kb, stride_kh, stride_ks, stride_page_n,
                       PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, j_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
+def attend_far_global_dense(acc, m_i, l_i, j_lo, j_hi, qc1, qc2, qp, keys, values, n_global,
+                            HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                            KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """attend_far_global with the keys from the dense copy, where turn_pages_kernel (far_dense)
+    left these pages as stored: no page lookups, contiguous loads."""
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = (j < j_hi) & (j < n_global)
+    s = exact_logits(qc1, qc2, qp, keys, j_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                     BLOCK_N, True)
     s = tl.where(key_ok[None, :], s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, j_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
 
@@ -470,11 +513,16 @@ def lambda_prefill_kernel(
     CAUSAL_LOOP: tl.constexpr,       # past the far edge one causal loop (else: unmasked middle
                                      # + masked diagonal)
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
+    FAR_DENSE: tl.constexpr,         # the far global pages' keys from the dense copy (as
+                                     # stored there: turn_pages far_dense)
+    PROLOGUE: tl.constexpr,
+    PACK: tl.constexpr,              # query heads per program (of one KV head): rows are
+                                     # (query, head) pairs, BLOCK_M // PACK queries
 ):
     row_block = tl.program_id(0)
-    head = tl.program_id(1)
+    head_lo = tl.program_id(1) * PACK
     n = tl.program_id(2)
-    kv_head = head // GROUP
+    kv_head = head_lo // GROUP
     keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
     values = values_ptr + n * stride_vn + kv_head * stride_vh
     n_global = tl.load(n_global_ptr + n)
@@ -482,14 +530,19 @@ def lambda_prefill_kernel(
 
     # ---- the rows' queries and their turns (exact, capped, and the window's capped
     # pairs: see attend_window_capped), made before the accumulator holds registers ----
-    m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    # row r is query m = first + r // PACK of head head_lo + r % PACK: the PACK heads of a
+    # query share its position (one span of positions per program: narrower window edges)
+    QUERIES: tl.constexpr = BLOCK_M // PACK
+    r = tl.arange(0, BLOCK_M)
+    m = row_block * QUERIES + r // PACK
+    head = head_lo + r % PACK
     row_ok = m < num_queries
     pos = pos_ptr + n * stride_pos_n
     tile_first = tl.load(pos)
     tile_last = tl.load(pos + num_queries - 1)
     anchor = tile_first - tile_first % PAGE_SIZE
-    t0 = tl.load(pos + row_block * BLOCK_M)
-    t1 = tl.load(pos + tl.minimum(row_block * BLOCK_M + BLOCK_M, num_queries) - 1)
+    t0 = tl.load(pos + row_block * QUERIES)
+    t1 = tl.load(pos + tl.minimum(row_block * QUERIES + QUERIES, num_queries) - 1)
     t = tl.load(pos + m, mask=row_ok, other=t1)
     q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
@@ -497,19 +550,41 @@ def lambda_prefill_kernel(
     _, _, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
                           HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     qp = (qp.to(tl.float32) * scale_log2).to(qp.dtype)
-    qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
-                                 stride_table, t_rel - t_in_page, scale_log2,
-                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
-                                 stride_table, trained_length - t_in_page, scale_log2,
-                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     # the page of a row's capped window pairs, relative to the anchor: floor_B(t_rel - L - 1),
     # taken on a non-negative numerator
     lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
-    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
-    qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
-                                 stride_table, capped_page_rel + trained_length - t_in_page,
-                                 scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    if PROLOGUE == 0:
+        capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
+        qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                                     table_ptr, stride_table, t_rel - t_in_page, scale_log2,
+                                     HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+        qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                                     table_ptr, stride_table, trained_length - t_in_page,
+                                     scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+        qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                                     table_ptr, stride_table,
+                                     capped_page_rel + trained_length - t_in_page,
+                                     scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    else:
+        q1, q2, _ = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
+                               HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+        q1 = q1 * scale_log2
+        q2 = q2 * scale_log2
+        if PROLOGUE == 2:   # angles per query, broadcast to its PACK rows
+            mq = row_block * QUERIES + tl.arange(0, QUERIES)
+            tq = tl.load(pos + mq, mask=mq < num_queries, other=t1)
+        else:
+            tq = t
+        tq_in_page = (tq % PAGE_SIZE).to(tl.int32)
+        tq_rel = (tq - anchor).to(tl.int32)
+        capped_q = (tq_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
+        qe1, qe2 = turn_rows(q1, q2, table_ptr, stride_table, tq_rel - tq_in_page, qp.dtype,
+                             HALF, HALF_PAD, BLOCK_M, PACK if PROLOGUE == 2 else 1)
+        qc1, qc2 = turn_rows(q1, q2, table_ptr, stride_table, trained_length - tq_in_page,
+                             qp.dtype, HALF, HALF_PAD, BLOCK_M, PACK if PROLOGUE == 2 else 1)
+        qw1, qw2 = turn_rows(q1, q2, table_ptr, stride_table,
+                             capped_q + trained_length - tq_in_page, qp.dtype,
+                             HALF, HALF_PAD, BLOCK_M, PACK if PROLOGUE == 2 else 1)
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -541,13 +616,22 @@ def lambda_prefill_kernel(
     # ---- the global pages: the first num_global pages of the list, slots = positions ----
     # Pages whose base is before t0 - L are past the distance limit for every row: capped
     # alone (the usual case once a stream is longer than L); the rest both cases.
-    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+    if FAR_DENSE:   # the tile's first query's bound: what turn_pages_kernel copied as stored
+        far_pages = tl.where(tile_first > trained_length,
+                             (tile_first - trained_length - 1) // PAGE_SIZE + 1, 0)
+    else:
+        far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
     far_global_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
     for j_lo in tl.range(0, far_global_keys, FAR_BLOCK_N, num_stages=1):
-        acc, m_i, l_i = attend_far_global(
-            acc, m_i, l_i, j_lo, far_global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
-            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
+        if FAR_DENSE:
+            acc, m_i, l_i = attend_far_global_dense(
+                acc, m_i, l_i, j_lo, far_global_keys, qc1, qc2, qp, keys, values, n_global,
+                HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, FAR_BLOCK_N)
+        else:
+            acc, m_i, l_i = attend_far_global(
+                acc, m_i, l_i, j_lo, far_global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+                block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+                PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
     for j_lo in tl.range(far_global_keys, global_keys, GENERAL_BLOCK_N,
                          num_stages=GENERAL_STAGES):
         acc, m_i, l_i = attend_general(
@@ -603,7 +687,7 @@ def lambda_prefill_kernel(
         out_row = q_row.to(tl.int64) * stride_ot
     else:
         out_row = n * stride_on + m.to(tl.int64) * stride_ot
-    out = out_ptr + out_row[:, None] + head * stride_oh + d[None, :]
+    out = out_ptr + (out_row + head * stride_oh)[:, None] + d[None, :]
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out, result.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
@@ -620,8 +704,17 @@ def _shapes(head_dim: int, rotation) -> dict:
     return shapes
 
 
+def _pack(group_size: int, requested: int) -> int:
+    """Query heads per program: the largest power of two dividing both the GQA group and
+    the shape's pack_heads (the packed heads must share one KV head)."""
+    pack = 1
+    while group_size % (2 * pack) == 0 and requested % (2 * pack) == 0:
+        pack *= 2
+    return pack
+
+
 def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int = 8,
-               pad_pages: int = 0):
+               pad_pages: int = 0, trained_length: int = 0, far_dense: int = 0):
     """Dense copies of each tile's pages: keys turned by b_p - a, and values.
 
     Returns keys [N, Hkv, (P + pad_pages) * B, KEY_DIM] and values [N, Hkv, (P + pad_pages)
@@ -641,12 +734,13 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int =
                          device=kv_cache.device, dtype=kv_cache.dtype)
     table = rotation.cos_sin
     turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(copy_pages, pages_per_program))](
-        kv_cache, table, group.query_position, group.page_block, group.page_base, keys, values,
+        kv_cache, table, group.query_position, group.page_block, group.page_base,
+        group.n_global, keys, values,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), table.stride(0),
         group.query_position.stride(0), group.page_block.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        num_queries, num_pages, copy_pages, table.shape[0] - 1,
-        PAGE_SIZE=page_size, PAGES=pages_per_program, **shapes)
+        num_queries, num_pages, copy_pages, table.shape[0] - 1, trained_length,
+        PAGE_SIZE=page_size, PAGES=pages_per_program, FAR_DENSE=far_dense, **shapes)
     return keys, values
 
 
@@ -699,14 +793,18 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         out = output
     if num_tiles == 0 or num_queries == 0:
         return out
-    block_m = min(shape["block_m"], _pow2(num_queries, 16))
+    group_size = num_heads // kv_cache.shape[1]
+    pack = min(_pack(group_size, shape["pack_heads"]), shape["block_m"])
+    block_m = min(shape["block_m"], _pow2(num_queries * pack, 16))
     shapes = _shapes(head_dim, rotation)
     # the causal window loop's last block can reach BLOCK_N - 1 slots past the list's end
     pad_pages = triton.cdiv(shape["block_n"], page_size) if shape["causal_loop"] else 0
-    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages)
+    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages,
+                              config.trained_length, shape["far_dense"])
     table = rotation.cos_sin
     global LAST_LAUNCH
-    LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
+    LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m // pack),
+                                         num_heads // pack,
                                          num_tiles)](
         query, kv_cache, table,
         group.query_rows, group.query_position, group.page_block, group.page_base,
@@ -722,12 +820,13 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         num_queries, num_pages,
         scale * LOG2E,
         config.trained_length,
-        PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
+        PAGE_SIZE=page_size, GROUP=group_size,
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
         GENERAL_STAGES=shape["general_stages"],
         FAR_BLOCK_N=shape["far_block_n"], MERGE_CAPPED=shape["merge_capped"],
-        CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None,
+        CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None, PACK=pack,
+        FAR_DENSE=shape["far_dense"], PROLOGUE=shape["prologue"],
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )
