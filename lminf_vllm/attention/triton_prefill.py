@@ -16,9 +16,14 @@ Two launches per group:
    a dense [tile, KV head, slot, :] copy, beside a dense copy of the values (slots not written
    yet are zeros). This is the one place a key is turned (not once per query head and row
    block in the inner loop).
-2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
-   queries (exact and capped) and visits the keys in the page list's order:
-   * global pages every row is past L for: the capped product alone (`attend_far_global`);
+2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, PACK query heads of one KV head,
+   tile): its rows are (query, head) pairs, BLOCK_M / PACK queries times PACK heads
+   (`pack_heads`), so that a program's queries span fewer positions and the window's masked
+   edges are narrower. It turns the queries (exact and capped) and visits the keys in the
+   page list's order:
+   * global pages every row is past L for: the capped product alone (`attend_far_global`;
+     or, `far_dense`, with the pages every query of the tile is past L for copied as stored
+     into the dense copy by step 1, from there: `attend_far_global_dense`, no page lookups);
      the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
      - pages some row sees past L (the oldest, only when n_local > L - B + 1): their capped
@@ -72,11 +77,17 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # 2-3, bench_prefill_variants.py and bench_kernels.json prefill_tuning); a causal loop
 # spills at 128 x 128 (18-38 bytes: 346-371 TF/s). One page per turn_pages_kernel program:
 # 18.5 us against 20.9 for 8 (graph replay, run 2).
+# Four heads per program (pack_heads, 32 queries of 128 rows: far edge + diagonal 192 masked
+# keys per row instead of 256) and the far global pages from the dense copy: 435-445 TF/s
+# against 414-424 for one head per program, 0.853-0.867 of the dense Triton loop against
+# 0.81-0.83 (H200, 2026-12-02 runs 8-11, bench_prefill_variants.py; 0 spills against 6);
+# two heads 429, four with 32-key masked blocks 429-430, a causal loop 370, the diagonal
+# blocks in a causal-mask loop of their own after the middle 430-431.
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
                           far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0,
-                          pack_heads=1, far_dense=0, prologue=0)
+                          pack_heads=4, far_dense=1)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
@@ -85,21 +96,24 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 # edge and the causal loop (no spills: 214 registers) take it to 331-335 TF/s against
 # 302-304 without either and 315 with the merge alone (2026-12-02 runs 1-3,
 # bench_prefill_variants.py); masking every block of that loop instead of a branch: 270.
+# Four heads per program (16 queries) with 16-key masked blocks: 345-347 against 333-335
+# (runs 8-11); 32-key masked blocks 341, the far global pages from the dense copy 344-345
+# (no gain: kept off), 128-row programs 293, no causal loop 316-323.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
-                                     edge_block_n=32, edge_stages=2, general_block_n=32,
+                                     edge_block_n=16, edge_stages=2, general_block_n=32,
                                      general_stages=1, far_block_n=64, turn_pages=1,
-                                     merge_capped=1, causal_loop=1, pack_heads=1, far_dense=0, prologue=0)
+                                     merge_capped=1, causal_loop=1, pack_heads=4, far_dense=0)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
                            far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0,
-                           pack_heads=1, far_dense=0, prologue=0)
+                           pack_heads=1, far_dense=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
                       far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0,
-                      pack_heads=1, far_dense=0, prologue=0)
+                      pack_heads=1, far_dense=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -209,22 +223,6 @@ def load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_pt
     cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
     t1, t2 = rotate(q1 * scale_log2, q2 * scale_log2, cos, sin)
     return t1.to(qp.dtype), t2.to(qp.dtype)
-
-
-@triton.jit
-def turn_rows(q1, q2, table_ptr, stride_table, angle, dtype: tl.constexpr,
-              HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-              PACK: tl.constexpr):
-    """Query halves (float32, scale folded in) turned by `angle`, one per query (each
-    repeated for its PACK rows), in dtype."""
-    cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
-    if PACK > 1:
-        cos = tl.reshape(tl.broadcast_to(cos[:, None, :], (BLOCK_M // PACK, PACK, HALF_PAD)),
-                         (BLOCK_M, HALF_PAD))
-        sin = tl.reshape(tl.broadcast_to(sin[:, None, :], (BLOCK_M // PACK, PACK, HALF_PAD)),
-                         (BLOCK_M, HALF_PAD))
-    t1, t2 = rotate(q1, q2, cos, sin)
-    return t1.to(dtype), t2.to(dtype)
 
 
 @triton.jit
@@ -515,7 +513,6 @@ def lambda_prefill_kernel(
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
     FAR_DENSE: tl.constexpr,         # the far global pages' keys from the dense copy (as
                                      # stored there: turn_pages far_dense)
-    PROLOGUE: tl.constexpr,
     PACK: tl.constexpr,              # query heads per program (of one KV head): rows are
                                      # (query, head) pairs, BLOCK_M // PACK queries
 ):
@@ -553,38 +550,16 @@ def lambda_prefill_kernel(
     # the page of a row's capped window pairs, relative to the anchor: floor_B(t_rel - L - 1),
     # taken on a non-negative numerator
     lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
-    if PROLOGUE == 0:
-        capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
-        qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
-                                     table_ptr, stride_table, t_rel - t_in_page, scale_log2,
-                                     HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-        qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
-                                     table_ptr, stride_table, trained_length - t_in_page,
-                                     scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-        qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
-                                     table_ptr, stride_table,
-                                     capped_page_rel + trained_length - t_in_page,
-                                     scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    else:
-        q1, q2, _ = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
-                               HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-        q1 = q1 * scale_log2
-        q2 = q2 * scale_log2
-        if PROLOGUE == 2:   # angles per query, broadcast to its PACK rows
-            mq = row_block * QUERIES + tl.arange(0, QUERIES)
-            tq = tl.load(pos + mq, mask=mq < num_queries, other=t1)
-        else:
-            tq = t
-        tq_in_page = (tq % PAGE_SIZE).to(tl.int32)
-        tq_rel = (tq - anchor).to(tl.int32)
-        capped_q = (tq_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
-        qe1, qe2 = turn_rows(q1, q2, table_ptr, stride_table, tq_rel - tq_in_page, qp.dtype,
-                             HALF, HALF_PAD, BLOCK_M, PACK if PROLOGUE == 2 else 1)
-        qc1, qc2 = turn_rows(q1, q2, table_ptr, stride_table, trained_length - tq_in_page,
-                             qp.dtype, HALF, HALF_PAD, BLOCK_M, PACK if PROLOGUE == 2 else 1)
-        qw1, qw2 = turn_rows(q1, q2, table_ptr, stride_table,
-                             capped_q + trained_length - tq_in_page, qp.dtype,
-                             HALF, HALF_PAD, BLOCK_M, PACK if PROLOGUE == 2 else 1)
+    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
+    qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, t_rel - t_in_page, scale_log2,
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, trained_length - t_in_page, scale_log2,
+                                 HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
+    qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
+                                 stride_table, capped_page_rel + trained_length - t_in_page,
+                                 scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
 
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -720,7 +695,8 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int =
     Returns keys [N, Hkv, (P + pad_pages) * B, KEY_DIM] and values [N, Hkv, (P + pad_pages)
     * B, HEAD_DIM_PAD] in the cache's dtype; slots not written yet, padding pages of the
     list and the pad_pages after it (read by unmasked blocks that reach past the list's
-    end) are zeros.
+    end) are zeros. far_dense: the global pages every query of a tile is more than
+    trained_length past are copied as stored (their capped product's keys) instead.
     """
     num_tiles, num_queries = group.query_rows.shape
     num_pages = group.page_block.shape[1]
@@ -826,7 +802,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         GENERAL_STAGES=shape["general_stages"],
         FAR_BLOCK_N=shape["far_block_n"], MERGE_CAPPED=shape["merge_capped"],
         CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None, PACK=pack,
-        FAR_DENSE=shape["far_dense"], PROLOGUE=shape["prologue"],
+        FAR_DENSE=shape["far_dense"],
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )

@@ -162,9 +162,8 @@ def test_kernels_match_reference(name):
                        dict(small, merge_capped=1, causal_loop=1),
                        # rows as (query, head) pairs of one KV head: 2 and 4 heads a program;
                        # the far global pages from the dense copy
-                       dict(small, merge_capped=1, causal_loop=0, pack_heads=4, far_dense=1,
-                            prologue=2),
-                       dict(small, merge_capped=0, causal_loop=1, pack_heads=2, prologue=1),
+                       dict(small, merge_capped=1, causal_loop=0, pack_heads=4, far_dense=1),
+                       dict(small, merge_capped=0, causal_loop=1, pack_heads=2),
                        dict(small, far_dense=1), {},
                        triton_prefill.LONG_WINDOW_BLOCKS,
                        triton_prefill.LONG_WINDOW_SMALL_HEAD_BLOCKS):
