@@ -14,7 +14,9 @@ small-head shape runs.
     python bench/bench_prefill_variants.py --out prefill_variants.json [--d128 JSON] [--d64 JSON]
 
 (2026-12-02 runs: `bench/results/2026-12-02_h200_prefill_variants_run*.json`; run 1 also
-had a causal loop masking every block, since removed: 298 TF/s at d128, 270 at d64.)
+had a causal loop masking every block, since removed: 298 TF/s at d128, 270 at d64. Runs 8-11,
+`2026-12-02_h200_run{8,9,10,11}_prefill_variants.json`: heads packed into a program's rows
+(`pack_heads`) and the far global pages from the dense copy (`far_dense`), the defaults now.)
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from lminf_vllm.attention import triton_prefill  # noqa: E402
 # (name, arguments over the default shape)
 D128_VARIANTS = [
     ("default", {}),
-    ("split_capped_loop", dict(merge_capped=0)),     # the defaults before 2026-12-02
-    ("causal_loop", dict(causal_loop=1)),
-    ("causal_loop_split_capped", dict(merge_capped=0, causal_loop=1)),
-    ("edge_stages3", dict(edge_stages=3)),
+    ("one_head_per_program", dict(pack_heads=1, far_dense=0)),   # the defaults before run 8
+    ("pages_far_global", dict(far_dense=0)),
+    ("pack2", dict(pack_heads=2)),
+    ("edge32", dict(edge_block_n=32)),
 ]
-D64_VARIANTS = [("default", {}), ("split", dict(merge_capped=0, causal_loop=0)),
-                ("merge_only", dict(causal_loop=0)), ("edge64", dict(edge_block_n=64))]
+D64_VARIANTS = [("default", {}), ("one_head_per_program", dict(pack_heads=1, edge_block_n=32)),
+                ("far_dense", dict(far_dense=1)), ("edge32", dict(edge_block_n=32))]
 
 
 def ceiling_fn():

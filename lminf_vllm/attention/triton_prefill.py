@@ -16,9 +16,14 @@ Two launches per group:
    a dense [tile, KV head, slot, :] copy, beside a dense copy of the values (slots not written
    yet are zeros). This is the one place a key is turned (not once per query head and row
    block in the inner loop).
-2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, query head, tile), turns the
-   queries (exact and capped) and visits the keys in the page list's order:
-   * global pages every row is past L for: the capped product alone (`attend_far_global`);
+2. `lambda_prefill_kernel`, one program per (BLOCK_M rows, PACK query heads of one KV head,
+   tile): its rows are (query, head) pairs, BLOCK_M / PACK queries times PACK heads
+   (`pack_heads`), so that a program's queries span fewer positions and the window's masked
+   edges are narrower. It turns the queries (exact and capped) and visits the keys in the
+   page list's order:
+   * global pages every row is past L for: the capped product alone (`attend_far_global`;
+     or, `far_dense`, with the pages every query of the tile is past L for copied as stored
+     into the dense copy by step 1, from there: `attend_far_global_dense`, no page lookups);
      the other global pages: both cases per pair (`attend_general`);
    * window pages (contiguous positions) from the first key any row sees:
      - pages some row sees past L (the oldest, only when n_local > L - B + 1): their capped
@@ -72,10 +77,17 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # 2-3, bench_prefill_variants.py and bench_kernels.json prefill_tuning); a causal loop
 # spills at 128 x 128 (18-38 bytes: 346-371 TF/s). One page per turn_pages_kernel program:
 # 18.5 us against 20.9 for 8 (graph replay, run 2).
+# Four heads per program (pack_heads, 32 queries of 128 rows: far edge + diagonal 192 masked
+# keys per row instead of 256) and the far global pages from the dense copy: 435-445 TF/s
+# against 414-424 for one head per program, 0.853-0.867 of the dense Triton loop against
+# 0.81-0.83 (H200, 2026-12-02 runs 8-11, bench_prefill_variants.py; 0 spills against 6);
+# two heads 429, four with 32-key masked blocks 429-430, a causal loop 370, the diagonal
+# blocks in a causal-mask loop of their own after the middle 430-431.
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
-                          far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0)
+                          far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0,
+                          pack_heads=4, far_dense=1)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
@@ -84,19 +96,24 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 # edge and the causal loop (no spills: 214 registers) take it to 331-335 TF/s against
 # 302-304 without either and 315 with the merge alone (2026-12-02 runs 1-3,
 # bench_prefill_variants.py); masking every block of that loop instead of a branch: 270.
+# Four heads per program (16 queries) with 16-key masked blocks: 345-347 against 333-335
+# (runs 8-11); 32-key masked blocks 341, the far global pages from the dense copy 344-345
+# (no gain: kept off), 128-row programs 293, no causal loop 316-323.
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
-                                     edge_block_n=32, edge_stages=2, general_block_n=32,
+                                     edge_block_n=16, edge_stages=2, general_block_n=32,
                                      general_stages=1, far_block_n=64, turn_pages=1,
-                                     merge_capped=1, causal_loop=1)
+                                     merge_capped=1, causal_loop=1, pack_heads=4, far_dense=0)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
-                           far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0)
+                           far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0,
+                           pack_heads=1, far_dense=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
-                      far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0)
+                      far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0,
+                      pack_heads=1, far_dense=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -114,15 +131,16 @@ def angles_needed(config, tile_queries: int) -> int:
 
 @triton.jit
 def turn_pages_kernel(
-    kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr,
+    kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr, n_global_ptr,
     keys_ptr,                        # out: [N, Hkv, P * B, KEY_DIM], turned by b_p - a
     values_ptr,                      # out: [N, Hkv, P * B, HEAD_DIM_PAD]
     stride_kb, stride_kh, stride_ks, stride_table, stride_pos_n, stride_page_n,
     stride_kn, stride_kkh, stride_vn, stride_vh,
-    num_queries, num_pages, copy_pages, max_angle,
+    num_queries, num_pages, copy_pages, max_angle, trained_length,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     KEY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, PAGES: tl.constexpr,
+    FAR_DENSE: tl.constexpr,
 ):
     n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -134,6 +152,14 @@ def turn_pages_kernel(
     page = page_lo + tl.arange(0, PAGES)
     base = tl.load(base_ptr + n * stride_page_n + page, mask=page < num_pages, other=-1)
     angle = tl.minimum(tl.maximum(base - anchor, -max_angle), max_angle).to(tl.int32)
+    if FAR_DENSE:
+        # global pages every query of the tile sees past L: copied as stored (angle 0), the
+        # capped product's keys (lambda_prefill_kernel's far_global_keys, same bound)
+        n_global = tl.load(n_global_ptr + n)
+        global_pages = tl.cdiv(tl.minimum(n_global, t_last + 1), PAGE_SIZE)
+        far_pages = tl.where(t_first > trained_length,
+                             (t_first - trained_length - 1) // PAGE_SIZE + 1, 0)
+        angle = tl.where(page < tl.minimum(far_pages, global_pages), 0, angle)
     cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
     cos = per_key(cos, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
     sin = per_key(sin, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
@@ -173,7 +199,7 @@ def load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
     """Rows' query features of one head: the two members of each rotation pair (float32)
     and the passthrough features (input dtype; zeros when PASS == 0, unused then)."""
     first, second, half_ok = rope_halves(HALF, HALF_PAD, IS_NEOX)
-    q_base = q_ptr + q_row.to(tl.int64)[:, None] * stride_qt + head * stride_qh
+    q_base = q_ptr + (q_row.to(tl.int64) * stride_qt + head * stride_qh)[:, None]
     q_mask = row_ok[:, None] & half_ok[None, :]
     q1 = tl.load(q_base + first[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_base + second[None, :], mask=q_mask, other=0.0).to(tl.float32)
@@ -334,6 +360,21 @@ def attend_far_global(acc, m_i, l_i, j_lo, j_hi, n, kv_head, qc1, qc2, qp, value
 
 
 @triton.jit
+def attend_far_global_dense(acc, m_i, l_i, j_lo, j_hi, qc1, qc2, qp, keys, values, n_global,
+                            HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+                            KEY_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """attend_far_global with the keys from the dense copy, where turn_pages_kernel (far_dense)
+    left these pages as stored: no page lookups, contiguous loads."""
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = (j < j_hi) & (j < n_global)
+    s = exact_logits(qc1, qc2, qp, keys, j_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
+                     BLOCK_N, True)
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    return softmax_step(acc, m_i, l_i, s, values, j_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
+
+
+@triton.jit
 def window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE: tl.constexpr):
     """Per (row, window key j): visible (inside the row's window, not ahead of it) and exact
     (the key's page within L of the row)."""
@@ -470,11 +511,15 @@ def lambda_prefill_kernel(
     CAUSAL_LOOP: tl.constexpr,       # past the far edge one causal loop (else: unmasked middle
                                      # + masked diagonal)
     TO_STEP_ROWS: tl.constexpr,      # out is the step's output: rows query_rows, its dtype
+    FAR_DENSE: tl.constexpr,         # the far global pages' keys from the dense copy (as
+                                     # stored there: turn_pages far_dense)
+    PACK: tl.constexpr,              # query heads per program (of one KV head): rows are
+                                     # (query, head) pairs, BLOCK_M // PACK queries
 ):
     row_block = tl.program_id(0)
-    head = tl.program_id(1)
+    head_lo = tl.program_id(1) * PACK
     n = tl.program_id(2)
-    kv_head = head // GROUP
+    kv_head = head_lo // GROUP
     keys = keys_ptr + n * stride_kn + kv_head * stride_kkh
     values = values_ptr + n * stride_vn + kv_head * stride_vh
     n_global = tl.load(n_global_ptr + n)
@@ -482,14 +527,19 @@ def lambda_prefill_kernel(
 
     # ---- the rows' queries and their turns (exact, capped, and the window's capped
     # pairs: see attend_window_capped), made before the accumulator holds registers ----
-    m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    # row r is query m = first + r // PACK of head head_lo + r % PACK: the PACK heads of a
+    # query share its position (one span of positions per program: narrower window edges)
+    QUERIES: tl.constexpr = BLOCK_M // PACK
+    r = tl.arange(0, BLOCK_M)
+    m = row_block * QUERIES + r // PACK
+    head = head_lo + r % PACK
     row_ok = m < num_queries
     pos = pos_ptr + n * stride_pos_n
     tile_first = tl.load(pos)
     tile_last = tl.load(pos + num_queries - 1)
     anchor = tile_first - tile_first % PAGE_SIZE
-    t0 = tl.load(pos + row_block * BLOCK_M)
-    t1 = tl.load(pos + tl.minimum(row_block * BLOCK_M + BLOCK_M, num_queries) - 1)
+    t0 = tl.load(pos + row_block * QUERIES)
+    t1 = tl.load(pos + tl.minimum(row_block * QUERIES + QUERIES, num_queries) - 1)
     t = tl.load(pos + m, mask=row_ok, other=t1)
     q_row = tl.load(rows_ptr + n * stride_row_n + m, mask=row_ok, other=0)
     t_in_page = (t % PAGE_SIZE).to(tl.int32)
@@ -497,16 +547,16 @@ def lambda_prefill_kernel(
     _, _, qp = load_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh,
                           HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     qp = (qp.to(tl.float32) * scale_log2).to(qp.dtype)
+    # the page of a row's capped window pairs, relative to the anchor: floor_B(t_rel - L - 1),
+    # taken on a non-negative numerator
+    lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
+    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
     qe1, qe2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
                                  stride_table, t_rel - t_in_page, scale_log2,
                                  HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
     qc1, qc2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
                                  stride_table, trained_length - t_in_page, scale_log2,
                                  HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
-    # the page of a row's capped window pairs, relative to the anchor: floor_B(t_rel - L - 1),
-    # taken on a non-negative numerator
-    lift = tl.cdiv(trained_length + 1, PAGE_SIZE) * PAGE_SIZE
-    capped_page_rel = (t_rel - trained_length - 1 + lift) // PAGE_SIZE * PAGE_SIZE - lift
     qw1, qw2 = load_turned_query(q_ptr, q_row, head, row_ok, stride_qt, stride_qh, table_ptr,
                                  stride_table, capped_page_rel + trained_length - t_in_page,
                                  scale_log2, HALF, HALF_PAD, PASS, PASS_PAD, IS_NEOX)
@@ -541,13 +591,22 @@ def lambda_prefill_kernel(
     # ---- the global pages: the first num_global pages of the list, slots = positions ----
     # Pages whose base is before t0 - L are past the distance limit for every row: capped
     # alone (the usual case once a stream is longer than L); the rest both cases.
-    far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+    if FAR_DENSE:   # the tile's first query's bound: what turn_pages_kernel copied as stored
+        far_pages = tl.where(tile_first > trained_length,
+                             (tile_first - trained_length - 1) // PAGE_SIZE + 1, 0)
+    else:
+        far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
     far_global_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
     for j_lo in tl.range(0, far_global_keys, FAR_BLOCK_N, num_stages=1):
-        acc, m_i, l_i = attend_far_global(
-            acc, m_i, l_i, j_lo, far_global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
-            block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
-            PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
+        if FAR_DENSE:
+            acc, m_i, l_i = attend_far_global_dense(
+                acc, m_i, l_i, j_lo, far_global_keys, qc1, qc2, qp, keys, values, n_global,
+                HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, FAR_BLOCK_N)
+        else:
+            acc, m_i, l_i = attend_far_global(
+                acc, m_i, l_i, j_lo, far_global_keys, n, kv_head, qc1, qc2, qp, values, kv_ptr,
+                block_ptr, stride_kb, stride_kh, stride_ks, stride_page_n, n_global,
+                PAGE_SIZE, HALF, HALF_PAD, PASS, PASS_PAD, HEAD_DIM_PAD, IS_NEOX, FAR_BLOCK_N)
     for j_lo in tl.range(far_global_keys, global_keys, GENERAL_BLOCK_N,
                          num_stages=GENERAL_STAGES):
         acc, m_i, l_i = attend_general(
@@ -603,7 +662,7 @@ def lambda_prefill_kernel(
         out_row = q_row.to(tl.int64) * stride_ot
     else:
         out_row = n * stride_on + m.to(tl.int64) * stride_ot
-    out = out_ptr + out_row[:, None] + head * stride_oh + d[None, :]
+    out = out_ptr + (out_row + head * stride_oh)[:, None] + d[None, :]
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out, result.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
@@ -620,14 +679,24 @@ def _shapes(head_dim: int, rotation) -> dict:
     return shapes
 
 
+def _pack(group_size: int, requested: int) -> int:
+    """Query heads per program: the largest power of two dividing both the GQA group and
+    the shape's pack_heads (the packed heads must share one KV head)."""
+    pack = 1
+    while group_size % (2 * pack) == 0 and requested % (2 * pack) == 0:
+        pack *= 2
+    return pack
+
+
 def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int = 8,
-               pad_pages: int = 0):
+               pad_pages: int = 0, trained_length: int = 0, far_dense: int = 0):
     """Dense copies of each tile's pages: keys turned by b_p - a, and values.
 
     Returns keys [N, Hkv, (P + pad_pages) * B, KEY_DIM] and values [N, Hkv, (P + pad_pages)
     * B, HEAD_DIM_PAD] in the cache's dtype; slots not written yet, padding pages of the
     list and the pad_pages after it (read by unmasked blocks that reach past the list's
-    end) are zeros.
+    end) are zeros. far_dense: the global pages every query of a tile is more than
+    trained_length past are copied as stored (their capped product's keys) instead.
     """
     num_tiles, num_queries = group.query_rows.shape
     num_pages = group.page_block.shape[1]
@@ -641,12 +710,13 @@ def turn_pages(group, kv_cache: torch.Tensor, rotation, pages_per_program: int =
                          device=kv_cache.device, dtype=kv_cache.dtype)
     table = rotation.cos_sin
     turn_pages_kernel[(num_tiles, num_kv_heads, triton.cdiv(copy_pages, pages_per_program))](
-        kv_cache, table, group.query_position, group.page_block, group.page_base, keys, values,
+        kv_cache, table, group.query_position, group.page_block, group.page_base,
+        group.n_global, keys, values,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), table.stride(0),
         group.query_position.stride(0), group.page_block.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        num_queries, num_pages, copy_pages, table.shape[0] - 1,
-        PAGE_SIZE=page_size, PAGES=pages_per_program, **shapes)
+        num_queries, num_pages, copy_pages, table.shape[0] - 1, trained_length,
+        PAGE_SIZE=page_size, PAGES=pages_per_program, FAR_DENSE=far_dense, **shapes)
     return keys, values
 
 
@@ -699,14 +769,18 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         out = output
     if num_tiles == 0 or num_queries == 0:
         return out
-    block_m = min(shape["block_m"], _pow2(num_queries, 16))
+    group_size = num_heads // kv_cache.shape[1]
+    pack = min(_pack(group_size, shape["pack_heads"]), shape["block_m"])
+    block_m = min(shape["block_m"], _pow2(num_queries * pack, 16))
     shapes = _shapes(head_dim, rotation)
     # the causal window loop's last block can reach BLOCK_N - 1 slots past the list's end
     pad_pages = triton.cdiv(shape["block_n"], page_size) if shape["causal_loop"] else 0
-    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages)
+    keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages,
+                              config.trained_length, shape["far_dense"])
     table = rotation.cos_sin
     global LAST_LAUNCH
-    LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m), num_heads,
+    LAST_LAUNCH = lambda_prefill_kernel[(triton.cdiv(num_queries, block_m // pack),
+                                         num_heads // pack,
                                          num_tiles)](
         query, kv_cache, table,
         group.query_rows, group.query_position, group.page_block, group.page_base,
@@ -722,12 +796,13 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         num_queries, num_pages,
         scale * LOG2E,
         config.trained_length,
-        PAGE_SIZE=page_size, GROUP=num_heads // kv_cache.shape[1],
+        PAGE_SIZE=page_size, GROUP=group_size,
         BLOCK_M=block_m, BLOCK_N=shape["block_n"], EDGE_BLOCK_N=shape["edge_block_n"],
         EDGE_STAGES=shape["edge_stages"], GENERAL_BLOCK_N=shape["general_block_n"],
         GENERAL_STAGES=shape["general_stages"],
         FAR_BLOCK_N=shape["far_block_n"], MERGE_CAPPED=shape["merge_capped"],
-        CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None,
+        CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None, PACK=pack,
+        FAR_DENSE=shape["far_dense"],
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )

@@ -159,7 +159,12 @@ def test_kernels_match_reference(name):
         for blocks in (dict(small, merge_capped=0, causal_loop=0),
                        dict(small, merge_capped=1, causal_loop=0),
                        dict(small, merge_capped=0, causal_loop=1),
-                       dict(small, merge_capped=1, causal_loop=1), {},
+                       dict(small, merge_capped=1, causal_loop=1),
+                       # rows as (query, head) pairs of one KV head: 2 and 4 heads a program;
+                       # the far global pages from the dense copy
+                       dict(small, merge_capped=1, causal_loop=0, pack_heads=4, far_dense=1),
+                       dict(small, merge_capped=0, causal_loop=1, pack_heads=2),
+                       dict(small, far_dense=1), {},
                        triton_prefill.LONG_WINDOW_BLOCKS,
                        triton_prefill.LONG_WINDOW_SMALL_HEAD_BLOCKS):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
