@@ -130,6 +130,15 @@ def angles_needed(config, tile_queries: int) -> int:
 
 
 @triton.jit
+def pages_past_limit(position, trained_length, PAGE_SIZE: tl.constexpr):
+    """The number of leading pages (bases 0, B, 2B, ...) that `position` is past L for: whose
+    base b_p has position - b_p > L, so that every pair of `position` with their keys is in
+    the capped case. ceil((position - L) / B) when position > L, else 0."""
+    return tl.where(position > trained_length,
+                    (position - trained_length - 1) // PAGE_SIZE + 1, 0)
+
+
+@triton.jit
 def turn_pages_kernel(
     kv_ptr, table_ptr, pos_ptr, block_ptr, base_ptr, n_global_ptr,
     keys_ptr,                        # out: [N, Hkv, P * B, KEY_DIM], turned by b_p - a
@@ -157,8 +166,7 @@ def turn_pages_kernel(
         # capped product's keys (lambda_prefill_kernel's far_global_keys, same bound)
         n_global = tl.load(n_global_ptr + n)
         global_pages = tl.cdiv(tl.minimum(n_global, t_last + 1), PAGE_SIZE)
-        far_pages = tl.where(t_first > trained_length,
-                             (t_first - trained_length - 1) // PAGE_SIZE + 1, 0)
+        far_pages = pages_past_limit(t_first, trained_length, PAGE_SIZE)
         angle = tl.where(page < tl.minimum(far_pages, global_pages), 0, angle)
     cos, sin = cos_sin(table_ptr, stride_table, angle, HALF, HALF_PAD)
     cos = per_key(cos, PAGE_SIZE, PAGES * PAGE_SIZE, HALF_PAD)
@@ -592,10 +600,9 @@ def lambda_prefill_kernel(
     # Pages whose base is before t0 - L are past the distance limit for every row: capped
     # alone (the usual case once a stream is longer than L); the rest both cases.
     if FAR_DENSE:   # the tile's first query's bound: what turn_pages_kernel copied as stored
-        far_pages = tl.where(tile_first > trained_length,
-                             (tile_first - trained_length - 1) // PAGE_SIZE + 1, 0)
+        far_pages = pages_past_limit(tile_first, trained_length, PAGE_SIZE)
     else:
-        far_pages = tl.where(t0 > trained_length, (t0 - trained_length - 1) // PAGE_SIZE + 1, 0)
+        far_pages = pages_past_limit(t0, trained_length, PAGE_SIZE)
     far_global_keys = tl.minimum(far_pages * PAGE_SIZE, global_keys)
     for j_lo in tl.range(0, far_global_keys, FAR_BLOCK_N, num_stages=1):
         if FAR_DENSE:
