@@ -444,9 +444,9 @@ def attend_window_capped(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qw1,
 
 @triton.jit
 def attend_window_both(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qw1, qw2,
-                       qp, keys, values, n_local, trained_length, window_lo, exact_lo, t0_rel,
-                       far_block, PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr,
-                       PASS: tl.constexpr, PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
+                       qp, keys, values, n_local, trained_length, window_lo, exact_lo,
+                       PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
+                       PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
                        HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        EDGE_MASKS: tl.constexpr):
     """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) at the window's far edge: exact and
@@ -455,10 +455,8 @@ def attend_window_both(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, q
 
     EDGE_MASKS 0: window_masks per pair. 1: the same tests against per-row bounds relative to
     the anchor (window_lo = t - n_local, exact_lo = the row's first exact key, both - a), one
-    compare each. 2: as 1, each test only where it can fail: the window's start and the
-    exact/capped choice on far-edge blocks (far_block), the causal test on blocks that reach
-    past the first row t0 (uniform branches). 3: as 2, with unmasked loads (the launcher pads
-    the copy by EDGE_BLOCK_N - 1 slots; keys past j_hi are masked by the causal test).
+    compare each. 2: as 1, with unmasked loads (the launcher pads the copy by EDGE_BLOCK_N - 1
+    slots; keys past j_hi are ahead of every row, and the causal test masks them).
     """
     key_rel = tl.arange(0, BLOCK_N)
     if EDGE_MASKS == 0:
@@ -466,28 +464,18 @@ def attend_window_both(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, q
         key_ok = j < j_hi
     else:
         key_ok = key_rel < (j_hi - j_lo).to(tl.int32)
-    MASKED_LOAD: tl.constexpr = EDGE_MASKS < 3
+    MASKED_LOAD: tl.constexpr = EDGE_MASKS < 2
     k1, k2, kp = load_dense_keys(keys, slot_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
                                  BLOCK_N, MASKED_LOAD)
     s = turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
     s_capped = turned_logits(qw1, qw2, qp, k1, k2, kp, PASS)
     if EDGE_MASKS == 0:
         visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
-        s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
     else:
-        j_lo_rel = (j_lo - anchor).to(tl.int32)
-        j_rel = j_lo_rel + key_rel
-        if EDGE_MASKS == 1:
-            visible = ((j_rel[None, :] > window_lo[:, None])
-                       & (j_rel[None, :] <= t_rel[:, None]))
-            exact = j_rel[None, :] >= exact_lo[:, None]
-            s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
-        else:
-            if far_block:
-                s = tl.where(j_rel[None, :] >= exact_lo[:, None], s, s_capped)
-                s = tl.where(j_rel[None, :] > window_lo[:, None], s, float("-inf"))
-            if j_lo_rel + BLOCK_N - 1 > t0_rel:
-                s = tl.where(j_rel[None, :] <= t_rel[:, None], s, float("-inf"))
+        j_rel = (j_lo - anchor).to(tl.int32) + key_rel
+        visible = (j_rel[None, :] > window_lo[:, None]) & (j_rel[None, :] <= t_rel[:, None])
+        exact = j_rel[None, :] >= exact_lo[:, None]
+    s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
     return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
                         MASKED_LOAD)
 
@@ -676,22 +664,22 @@ def lambda_prefill_kernel(
     # the row's capped page)
     window_lo = t_rel - n_local.to(tl.int32)
     exact_lo = capped_page_rel + PAGE_SIZE
-    t0_rel = (t0 - anchor).to(tl.int32)
     for i in tl.range(0, masked_blocks, num_stages=EDGE_STAGES):
         j_lo = tl.where(i < far_blocks, j_start + i * EDGE_BLOCK_N,
                         middle_end + (i - far_blocks) * EDGE_BLOCK_N)
         if MERGE_CAPPED:
             acc, m_i, l_i = attend_window_both(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qw1, qw2,
-                qp, keys, values, n_local, trained_length, window_lo, exact_lo, t0_rel,
-                i < far_blocks, PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD,
-                EDGE_BLOCK_N, EDGE_MASKS)
+                qp, keys, values, n_local, trained_length, window_lo, exact_lo,
+                PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N,
+                EDGE_MASKS)
         else:
             acc, m_i, l_i = attend_window(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
                 keys, values, n_local, trained_length,
                 PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N, True)
     if CAUSAL_LOOP:
+        t0_rel = (t0 - anchor).to(tl.int32)
         for j_lo in tl.range(far_end, j_end, BLOCK_N):
             acc, m_i, l_i = attend_window_causal(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, t0_rel, t_rel, anchor, qe1, qe2, qp,
@@ -820,10 +808,10 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     block_m = min(shape["block_m"], _pow2(num_queries * pack, 16))
     shapes = _shapes(head_dim, rotation)
     # blocks loaded without a mask can reach past the list's end: the causal window loop's
-    # last block by BLOCK_N - 1 slots, the merged masked blocks' (edge_masks 3) by
+    # last block by BLOCK_N - 1 slots, the merged masked blocks' (edge_masks 2) by
     # EDGE_BLOCK_N - 1
     reach = max(shape["block_n"] if shape["causal_loop"] else 0,
-                shape["edge_block_n"] if shape["merge_capped"] and shape["edge_masks"] == 3
+                shape["edge_block_n"] if shape["merge_capped"] and shape["edge_masks"] == 2
                 else 0)
     pad_pages = triton.cdiv(reach, page_size)
     keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages,
