@@ -87,7 +87,7 @@ LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
                           far_block_n=64, turn_pages=1, merge_capped=1, causal_loop=0,
-                          pack_heads=4, far_dense=1, edge_masks=0)
+                          pack_heads=4, far_dense=1)
 # Small heads (head_dim <= 64) in a long window: half-height programs, two per SM (173
 # registers, 104 KB of shared memory in the sm_90 compile), whose loads and masked blocks
 # hide behind each other's products; on the H200 (2026-12-01 23:50 run, kernel c0d0855,
@@ -102,19 +102,18 @@ LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
 LONG_WINDOW_SMALL_HEAD_BLOCKS = dict(block_m=64, block_n=128, num_warps=4, num_stages=3,
                                      edge_block_n=16, edge_stages=2, general_block_n=32,
                                      general_stages=1, far_block_n=64, turn_pages=1,
-                                     merge_capped=1, causal_loop=1, pack_heads=4, far_dense=0,
-                                     edge_masks=0)
+                                     merge_capped=1, causal_loop=1, pack_heads=4, far_dense=0)
 SMALL_HEAD = 64
 SHORT_WINDOW_BLOCKS = dict(block_m=64, block_n=64, num_warps=4, num_stages=3,
                            edge_block_n=32, edge_stages=2, general_block_n=32, general_stages=1,
                            far_block_n=64, turn_pages=8, merge_capped=0, causal_loop=0,
-                           pack_heads=1, far_dense=0, edge_masks=0)
+                           pack_heads=1, far_dense=0)
 # float32 operands take twice the shared memory and IEEE products (triton_decode.dot) many
 # more registers: the long-window shape would ask for 393 KB. This one fits (sm_90 compile).
 FLOAT32_BLOCKS = dict(block_m=64, block_n=32, num_warps=4, num_stages=2,
                       edge_block_n=32, edge_stages=1, general_block_n=16, general_stages=1,
                       far_block_n=32, turn_pages=4, merge_capped=0, causal_loop=0,
-                      pack_heads=1, far_dense=0, edge_masks=0)
+                      pack_heads=1, far_dense=0)
 # A key farther back than this from the anchor is clamped to it (still far: outside the
 # window and past the distance limit).
 FAR = tl.constexpr(1 << 30)
@@ -444,40 +443,22 @@ def attend_window_capped(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qw1,
 
 @triton.jit
 def attend_window_both(acc, m_i, l_i, slot_lo, j_lo, j_hi, t_rel, anchor, qe1, qe2, qw1, qw2,
-                       qp, keys, values, n_local, trained_length, window_lo, exact_lo,
+                       qp, keys, values, n_local, trained_length,
                        PAGE_SIZE: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr,
                        PASS_PAD: tl.constexpr, KEY_DIM: tl.constexpr,
-                       HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EDGE_MASKS: tl.constexpr):
+                       HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """Window keys j_lo .. j_lo + BLOCK_N (< j_hi) at the window's far edge: exact and
     capped pairs alike from one load of the dense copy (the exact query and the window's
-    capped query, attend_window_capped's, against the same keys), one softmax step.
-
-    EDGE_MASKS 0: window_masks per pair. 1: the same tests against per-row bounds relative to
-    the anchor (window_lo = t - n_local, exact_lo = the row's first exact key, both - a), one
-    compare each. 2: as 1, with unmasked loads (the launcher pads the copy by EDGE_BLOCK_N - 1
-    slots; keys past j_hi are ahead of every row, and the causal test masks them).
-    """
-    key_rel = tl.arange(0, BLOCK_N)
-    if EDGE_MASKS == 0:
-        j = j_lo + key_rel
-        key_ok = j < j_hi
-    else:
-        key_ok = key_rel < (j_hi - j_lo).to(tl.int32)
-    MASKED_LOAD: tl.constexpr = EDGE_MASKS < 2
+    capped query, attend_window_capped's, against the same keys), one softmax step."""
+    j = j_lo + tl.arange(0, BLOCK_N)
+    key_ok = j < j_hi
     k1, k2, kp = load_dense_keys(keys, slot_lo, key_ok, HALF_PAD, PASS, PASS_PAD, KEY_DIM,
-                                 BLOCK_N, MASKED_LOAD)
+                                 BLOCK_N, True)
     s = turned_logits(qe1, qe2, qp, k1, k2, kp, PASS)
     s_capped = turned_logits(qw1, qw2, qp, k1, k2, kp, PASS)
-    if EDGE_MASKS == 0:
-        visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
-    else:
-        j_rel = (j_lo - anchor).to(tl.int32) + key_rel
-        visible = (j_rel[None, :] > window_lo[:, None]) & (j_rel[None, :] <= t_rel[:, None])
-        exact = j_rel[None, :] >= exact_lo[:, None]
+    visible, exact = window_masks(j, t_rel, anchor, n_local, trained_length, PAGE_SIZE)
     s = tl.where(visible, tl.where(exact, s, s_capped), float("-inf"))
-    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N,
-                        MASKED_LOAD)
+    return softmax_step(acc, m_i, l_i, s, values, slot_lo, key_ok, HEAD_DIM_PAD, BLOCK_N, True)
 
 
 @triton.jit
@@ -542,8 +523,6 @@ def lambda_prefill_kernel(
                                      # stored there: turn_pages far_dense)
     PACK: tl.constexpr,              # query heads per program (of one KV head): rows are
                                      # (query, head) pairs, BLOCK_M // PACK queries
-    EDGE_MASKS: tl.constexpr,        # how the merged masked blocks test their pairs
-                                     # (attend_window_both)
 ):
     row_block = tl.program_id(0)
     head_lo = tl.program_id(1) * PACK
@@ -659,20 +638,14 @@ def lambda_prefill_kernel(
         masked_blocks = far_blocks
     else:
         masked_blocks = far_blocks + tl.cdiv(j_end - middle_end, EDGE_BLOCK_N)
-    # per-row bounds of the masked blocks' tests, relative to the anchor (EDGE_MASKS > 0):
-    # visible keys j_rel in (window_lo, t_rel], exact ones from exact_lo on (the page after
-    # the row's capped page)
-    window_lo = t_rel - n_local.to(tl.int32)
-    exact_lo = capped_page_rel + PAGE_SIZE
     for i in tl.range(0, masked_blocks, num_stages=EDGE_STAGES):
         j_lo = tl.where(i < far_blocks, j_start + i * EDGE_BLOCK_N,
                         middle_end + (i - far_blocks) * EDGE_BLOCK_N)
         if MERGE_CAPPED:
             acc, m_i, l_i = attend_window_both(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qw1, qw2,
-                qp, keys, values, n_local, trained_length, window_lo, exact_lo,
-                PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N,
-                EDGE_MASKS)
+                qp, keys, values, n_local, trained_length,
+                PAGE_SIZE, HALF_PAD, PASS, PASS_PAD, KEY_DIM, HEAD_DIM_PAD, EDGE_BLOCK_N)
         else:
             acc, m_i, l_i = attend_window(
                 acc, m_i, l_i, slot_of + j_lo, j_lo, j_end, t_rel, anchor, qe1, qe2, qp,
@@ -807,13 +780,8 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
     pack = min(_pack(group_size, shape["pack_heads"]), shape["block_m"])
     block_m = min(shape["block_m"], _pow2(num_queries * pack, 16))
     shapes = _shapes(head_dim, rotation)
-    # blocks loaded without a mask can reach past the list's end: the causal window loop's
-    # last block by BLOCK_N - 1 slots, the merged masked blocks' (edge_masks 2) by
-    # EDGE_BLOCK_N - 1
-    reach = max(shape["block_n"] if shape["causal_loop"] else 0,
-                shape["edge_block_n"] if shape["merge_capped"] and shape["edge_masks"] == 2
-                else 0)
-    pad_pages = triton.cdiv(reach, page_size)
+    # the causal window loop's last block can reach BLOCK_N - 1 slots past the list's end
+    pad_pages = triton.cdiv(shape["block_n"], page_size) if shape["causal_loop"] else 0
     keys, values = turn_pages(group, kv_cache, rotation, shape["turn_pages"], pad_pages,
                               config.trained_length, shape["far_dense"])
     table = rotation.cos_sin
@@ -841,7 +809,7 @@ def attend_group(plan, group, query: torch.Tensor, kv_cache: torch.Tensor, rotat
         GENERAL_STAGES=shape["general_stages"],
         FAR_BLOCK_N=shape["far_block_n"], MERGE_CAPPED=shape["merge_capped"],
         CAUSAL_LOOP=shape["causal_loop"], TO_STEP_ROWS=output is not None, PACK=pack,
-        FAR_DENSE=shape["far_dense"], EDGE_MASKS=shape["edge_masks"],
+        FAR_DENSE=shape["far_dense"],
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
         **shapes,
     )

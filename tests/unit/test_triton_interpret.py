@@ -165,11 +165,6 @@ def test_kernels_match_reference(name):
                        dict(small, merge_capped=1, causal_loop=0, pack_heads=4, far_dense=1),
                        dict(small, merge_capped=0, causal_loop=1, pack_heads=2),
                        dict(small, far_dense=1), {},
-                       *(dict(small, merge_capped=1, causal_loop=0, pack_heads=4, far_dense=1,
-                              edge_masks=m) for m in (1, 2)),
-                       *(dict(small, merge_capped=1, causal_loop=c, edge_masks=m)
-                         for c in (0, 1) for m in (1, 2)),
-                       dict(small, merge_capped=1, causal_loop=1, pack_heads=2, edge_masks=2),
                        triton_prefill.LONG_WINDOW_BLOCKS,
                        triton_prefill.LONG_WINDOW_SMALL_HEAD_BLOCKS):
             out = triton_prefill.attend_group(plan, group, query, kv_cache, rotation, scale,
