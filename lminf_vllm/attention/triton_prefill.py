@@ -82,7 +82,11 @@ from lminf_vllm.attention.triton_decode import (LOG2E, NEG_BIG, _pow2, check_inp
 # against 414-424 for one head per program, 0.853-0.867 of the dense Triton loop against
 # 0.81-0.83 (H200, 2026-12-02 runs 8-11, bench_prefill_variants.py; 0 spills against 6);
 # two heads 429, four with 32-key masked blocks 429-430, a causal loop 370, the diagonal
-# blocks in a causal-mask loop of their own after the middle 430-431.
+# blocks in a causal-mask loop of their own after the middle 430-431. The masked blocks'
+# tests against per-row bounds in int32 (617 instructions per block against 1020 in the
+# sm_90 compile): 439 against 438, with unmasked loads 434 (run 14: their cost is not the
+# mask arithmetic); skipping tests per block behind uniform branches does not compile
+# (Triton 3.6's pipeliner, run 13).
 LONG_WINDOW = 4096
 LONG_WINDOW_BLOCKS = dict(block_m=128, block_n=128, num_warps=8, num_stages=3,
                           edge_block_n=64, edge_stages=3, general_block_n=64, general_stages=1,
