@@ -211,8 +211,9 @@ def main() -> None:
                   f"{max(beyond):.3f}] (goal: within 10%)")
     for side in seconds:
         scored = args.windows * (stock_length if side == "stock" else args.length)
-        print(f"{side}: {scored} tokens scored in {seconds[side]:.0f} s "
-              f"({scored / seconds[side]:.0f} tokens/s)")
+        # positions whose next token was scored (the control prefills L/2..L tokens for each)
+        print(f"{side}: {scored} positions scored in {seconds[side]:.0f} s "
+              f"({scored / seconds[side]:.0f} positions/s)")
 
     result = {
         "settings": settings,
